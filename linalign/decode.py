@@ -9,6 +9,7 @@ and reports padding from then on.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,9 @@ class ContextBatch:
             self.input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
             self.attention_mask[i, width - len(row) :] = 1
         self.cache = None
+        # transformers 5 renamed the KV cache `past_key_values` -> `cache` (argument and output); older
+        # releases know only the first name.
+        self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.last_position = self.attention_mask.sum(-1) - 1
 
     @torch.inference_mode()
@@ -68,11 +72,11 @@ class ContextBatch:
             input_ids=input_ids,
             attention_mask=self.attention_mask,
             position_ids=positions,
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_name: self.cache},
         )
-        self.cache = out.past_key_values
+        self.cache = getattr(out, self._cache_name)
         return out.logits[:, -1, :].float()
 
 

@@ -7,7 +7,6 @@ import torch
 from conftest import hf_greedy
 
 from linalign import AlignConfig, Aligner, DecodeConfig
-from linalign.combine import plausibility_mask
 from linalign.hf import LinearAlignmentLogitsProcessor
 from linalign.prompts import build_ids
 
@@ -20,17 +19,33 @@ def engine_ids(aligner: Aligner, prompts, align: AlignConfig, n: int) -> list[li
     return [g.token_ids for g in aligner.generate(prompts, align, DecodeConfig(max_new_tokens=n))]
 
 
-def reference_loop(loaded, contexts: list[list[int]], weights: list[float], anchor: int, top_p: float, n: int):
+def nucleus(logits: torch.Tensor, top_p: float, temperature: float) -> torch.Tensor:
+    """BRIEF rule 3 over the whole sorted vocabulary: a token stays while the mass before it is below `top_p`."""
+    probs = torch.softmax(logits / temperature, -1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+    keep[0] = True
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep)
+
+
+def reference_loop(loaded, contexts, weights, anchor, top_p, n, temperature=1.0, generator=None):
     """BRIEF's five rules, written plainly for any weighted contexts: batch 1, one full uncached pass per
-    context per token. With contexts (principled, plain) and weights (1 + r, -r) it is the authors' algorithm."""
+    context per token; greedy, or sampling from `generator`. With contexts (principled, plain) and weights
+    (1 + r, -r) it is the authors' algorithm."""
     eos = loaded.tokenizer.eos_token_id
     contexts, chosen = [list(c) for c in contexts], []
     for _ in range(n):
         with torch.no_grad():
             logits = [loaded.model(torch.tensor([c])).logits[0, -1].float() for c in contexts]
         combined = sum(w * lg for w, lg in zip(weights, logits, strict=True))
-        mask = plausibility_mask(logits[anchor][None], top_p, 1.0)[0]
-        token = int(torch.softmax(combined, -1).masked_fill(~mask, -1).argmax())
+        mask = nucleus(logits[anchor], top_p, temperature)
+        probs = torch.softmax(combined / temperature, -1) * mask
+        if generator is None:
+            token = int(probs.masked_fill(~mask, -1).argmax())
+        else:
+            if probs.sum() == 0:  # rule 4's fallback: the masked principled distribution
+                probs = torch.softmax(logits[anchor] / temperature, -1) * mask
+            token = int(torch.multinomial((probs / probs.sum())[None], 1, generator=generator))
         chosen.append(token)
         for c in contexts:
             c.append(token)
@@ -39,8 +54,8 @@ def reference_loop(loaded, contexts: list[list[int]], weights: list[float], anch
     return chosen
 
 
-def authors_reference(loaded, principled: list[int], plain: list[int], ratio: float, top_p: float, n: int):
-    return reference_loop(loaded, [principled, plain], [1 + ratio, -ratio], 0, top_p, n)
+def authors_reference(loaded, principled: list[int], plain: list[int], ratio: float, top_p: float, n: int, **kw):
+    return reference_loop(loaded, [principled, plain], [1 + ratio, -ratio], 0, top_p, n, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +89,19 @@ def test_masked_la_equals_authors_reference_loop(tiny_aligner, tiny, ratio, top_
     expected = authors_reference(tiny, principled, plain, ratio, top_p, 20)
     align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio, plausibility_top_p=top_p)
     assert engine_ids(tiny_aligner, [question], align, 20)[0] == expected
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampled_la_equals_authors_reference_sampling(tiny_aligner, tiny, temperature):
+    """Same seed, same draws: the engine samples exactly what rule 4 samples, mask at temperature T included."""
+    question = QUESTIONS[1]
+    principled = build_ids(tiny.tokenizer, question, PRINCIPLE)
+    plain = build_ids(tiny.tokenizer, question)
+    generator = torch.Generator().manual_seed(11)
+    expected = authors_reference(tiny, principled, plain, 2.0, 0.8, 20, temperature=temperature, generator=generator)
+    config = DecodeConfig(max_new_tokens=20, do_sample=True, temperature=temperature, seed=11)
+    got = tiny_aligner.generate([question], AlignConfig(method="la", principles=[PRINCIPLE]), config)[0].token_ids
+    assert got == expected
 
 
 @pytest.mark.parametrize("method", ["base", "prompt", "la", "dera"])
