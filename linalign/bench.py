@@ -3,10 +3,11 @@
 Every method decodes the same prompts to the same forced length (greedy, `min_new_tokens` =
 `max_new_tokens`), so tokens/s compare like for like:
 
-1. `generate`      plain `transformers` generate on the principled prompt (the floor)
-2. `linalign`      linalign's fused Linear Alignment (both contexts in one forward pass)
-3. `hf-cfg`        `generate(guidance_scale=1+r, negative_prompt_ids=...)`, the library peer
-4. `two-pass`      two separate cached forward passes per token, as the reference code does
+1. `generate`        plain `transformers` generate on the principled prompt (the floor)
+2. `linalign`        linalign's fused Linear Alignment (both contexts in one forward pass)
+3. `linalign-plain`  linalign's own plain decoding of the principled prompt (same kernels as 2)
+4. `hf-cfg`          `generate(guidance_scale=1+r, negative_prompt_ids=...)`, the library peer
+5. `two-pass`        two separate cached forward passes per token, as the reference code does
 """
 
 from __future__ import annotations
@@ -118,11 +119,13 @@ def _runs(aligner: Aligner, prompts: list[str], new_tokens: int, ratio: float) -
     n_ids, n_mask = _padded(plain, pad, device)
     forced = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad}
     align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio)
+    prompting = AlignConfig(method="prompt", principles=[PRINCIPLE])
     config = DecodeConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     cfg = {"guidance_scale": 1 + ratio, "negative_prompt_ids": n_ids, "negative_prompt_attention_mask": n_mask}
     return {
         "generate": lambda: hf.generate(p_ids, attention_mask=p_mask, **forced),
         "linalign": lambda: aligner.generate(prompts, align, config),
+        "linalign-plain": lambda: aligner.generate(prompts, prompting, config),
         "hf-cfg": lambda: hf.generate(p_ids, attention_mask=p_mask, **cfg, **forced),
         "two-pass": lambda: _two_pass(hf, principled, plain, ratio, new_tokens, pad),
     }

@@ -28,6 +28,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 
 from linalign.combine import apply_mask, plausibility_mask
 from linalign.config import DecodeConfig
+from linalign.kernels import TransposedLinears
 from linalign.methods import Plan
 
 
@@ -48,6 +49,7 @@ class ContextBatch:
         # releases know only the first name.
         self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.last_position = self.attention_mask.sum(-1) - 1
+        self.linears = TransposedLinears(model)
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
@@ -59,7 +61,8 @@ class ContextBatch:
         """Append `tokens` (one per row) and return next-token logits."""
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((len(tokens), 1))], 1)
         self.last_position = self.last_position + 1
-        return self._forward(tokens[:, None], self.last_position[:, None])
+        with self.linears.active():  # a step has few rows: see linalign.kernels
+            return self._forward(tokens[:, None], self.last_position[:, None])
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop every row but `rows` (indices) from the batch and its KV cache."""
