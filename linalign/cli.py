@@ -182,7 +182,7 @@ def bench(
         f"greedy, {new_tokens} new tokens, ratio {ratio}"
     )
     for column in ("method", "batch", "tokens/s", "× generate", "peak MB", "× generate mem", "extra MB"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
     for r in report["results"]:
         table.add_row(
             r["method"],
