@@ -68,7 +68,9 @@ class TransposedLinears:
     def __init__(self, model: nn.Module) -> None:
         weight = next(model.parameters())
         use = weight.device.type == "cpu" and transposed_is_faster(weight.dtype)
-        self.linears = [m for m in model.modules() if use and isinstance(m, nn.Linear) and "forward" not in vars(m)]
+        self.linears = (
+            [m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in vars(m)] if use else []
+        )
 
     @contextmanager
     def active(self) -> Iterator[None]:
