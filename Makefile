@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PRINCIPLE ?= Keep every answer very short: no more than 30 words in total.
 
-.PHONY: install demo test lint bench eval serve clean
+.PHONY: install browser demo test lint bench eval serve clean
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,12 @@ demo: install
 		"What should I pack for a weekend trip to the mountains?" --principle "$(PRINCIPLE)" \
 		--method base,prompt,la --ratio 2.0 --max-new-tokens 64
 
-test: install
+# The playground's tests drive Debian's Chromium and its driver (CI runs as root on a fresh machine).
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 lint: install
