@@ -63,7 +63,7 @@ function nextTurnRole() {
 }
 
 function addPrinciple(text = "", weight = 1) {
-  const area = el("textarea", { rows: 2, class: "principle-text" }, text);
+  const area = el("textarea", { rows: 3, class: "principle-text" }, text);
   const number = el("input", { type: "number", step: "any", value: weight, class: "principle-weight narrow" });
   number.setAttribute("aria-describedby", "weight-hint");
   const row = el("li", { class: "row principle" });
@@ -125,16 +125,12 @@ function sweepRatios() {
 
 // ---- what each column asks the server
 
-function scaled(weight, ratio) {
-  return typeof weight === "number" && typeof ratio === "number" ? weight * (1 + ratio) : weight;
-}
-
 function alignOptions(method, ratio, principles) {
   if (method === "base") return { method };
   if (method === "la") {
     const options = { method, principles: principles.map((p) => p.text), ratio };
-    // Weights of 1 are the paper's l_p + r (l_p - l_0): leave them to the server.
-    if (principles.some((p) => p.weight !== 1)) options.weights = principles.map((p) => scaled(p.weight, ratio));
+    // The server weighs principle i by weights[i] * (1 + r); all 1 (its default) is the paper's l_p + r (l_p - l_0).
+    if (principles.some((p) => p.weight !== 1)) options.weights = principles.map((p) => p.weight);
     return options;
   }
   return { method, principles: principles.filter((p) => p.weight > 0).map((p) => p.text) };
@@ -184,7 +180,8 @@ function createColumn(spec, index) {
     error: null,
     pending: [], // logprobs of tokens whose text has not arrived yet
     positions: 0,
-    started: performance.now(),
+    firstAt: null, // when the first and the latest token arrived
+    lastAt: null,
   };
   const headingId = `column-${index}-title`;
   column.output = el("div", {
@@ -222,11 +219,15 @@ function appendText(column, text) {
   column.output.append(span);
 }
 
+// Decoding speed: tokens after the first over the time since the first (queueing and the prompt left out).
+function tokensPerSecond(column, tokens) {
+  const seconds = (column.lastAt - column.firstAt) / 1000;
+  return tokens > 1 && seconds > 0 ? `${((tokens - 1) / seconds).toFixed(1)} tokens/s` : null;
+}
+
 function updateMeta(column) {
-  const seconds = (performance.now() - column.started) / 1000;
   const tokens = column.usage ?? column.tokens;
-  const parts = [`${tokens} token${tokens === 1 ? "" : "s"}`];
-  if (tokens && seconds > 0) parts.push(`${(tokens / seconds).toFixed(1)} tokens/s`);
+  const parts = [`${tokens} token${tokens === 1 ? "" : "s"}`, tokensPerSecond(column, tokens)].filter(Boolean);
   parts.push(`finish: ${column.finish ?? "…"}`);
   column.meta.textContent = parts.join(" · ");
 }
@@ -281,6 +282,16 @@ async function* sseData(stream) {
   }
 }
 
+// Python's json module writes NaN and -Infinity (a masked token's logprob), which JSON.parse refuses:
+// read them as null, leaving string literals alone.
+function parseJson(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return JSON.parse(text.replace(/"(?:[^"\\]|\\.)*"|-?Infinity|NaN/g, (m) => (m.startsWith('"') ? m : "null")));
+  }
+}
+
 function handleEvent(column, event) {
   if (event.error) throw new ServerError(event.error.message);
   if (event.usage) column.usage = event.usage.completion_tokens;
@@ -289,7 +300,12 @@ function handleEvent(column, event) {
     for (const item of items) item.position = column.positions++;
     column.pending.push(...items);
     const text = choice.delta?.content;
-    column.tokens += items.length || (text ? 1 : 0);
+    const tokens = items.length || (text ? 1 : 0);
+    if (tokens) {
+      column.firstAt ??= performance.now();
+      column.lastAt = performance.now();
+    }
+    column.tokens += tokens;
     if (text) appendText(column, text);
     if (choice.finish_reason) column.finish = choice.finish_reason;
   }
@@ -305,7 +321,7 @@ async function streamColumn(column, body, signal) {
     }
     for await (const data of sseData(response.body)) {
       if (data === "[DONE]") break;
-      handleEvent(column, JSON.parse(data));
+      handleEvent(column, parseJson(data));
     }
     endColumn(column, "stopped");
   } catch (err) {
