@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from linalign import AlignConfig, Aligner, DecodeConfig
 from linalign.serve import create_app
 from linalign.serve import playground as playground_module
-from linalign.serve.playground import STATIC, mount_playground
+from linalign.serve.playground import STATIC, mount_playground, open_when_ready
 from linalign.serve.server import serving
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -373,6 +373,13 @@ def save_screenshot(driver, path: Path) -> None:
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
     driver.save_screenshot(str(path))
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_the_browser_opens_once_the_server_answers(tiny_url, monkeypatch):
+    opened = []
+    monkeypatch.setattr(playground_module.webbrowser, "open", opened.append)
+    open_when_ready(tiny_url, timeout=10).join(10)
+    assert opened == [tiny_url]
 
 
 def test_playground_command_serves_on_a_free_port(monkeypatch):
