@@ -14,7 +14,10 @@ that Linear Alignment uses, at the cost of plain Linear Alignment.
 
 from __future__ import annotations
 
+from functools import lru_cache
 
+
+@lru_cache(maxsize=256)  # a server asks for the same few settings request after request
 def amulet_weights(iterations: int, eta: float, alpha: float, lam: float) -> tuple[float, float]:
     """Coefficients `(a, b)` of `log pi_p` and `log pi_0` in Amulet's final iterate."""
     a, b = 1.0, 0.0  # pi_1 = pi_p

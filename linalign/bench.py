@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from linalign.combine import apply_mask, linear_combination, plausibility_mask
+from linalign.backends.transformers import TransformersBackend, left_padded
 from linalign.config import AlignConfig, DecodeConfig
-from linalign.decode import ContextBatch
 from linalign.engine import Aligner
 from linalign.models import load_model
 from linalign.prompts import build_ids
+from linalign.step import aligned_scores
 
 PRINCIPLE = "Answer in lowercase letters only. Never use capital letters."
 PROMPTS = [
@@ -92,21 +92,13 @@ class _PeakMemory:
         result.update(peak=top / 2**20, extra=max(0, top - base) / 2**20)
 
 
-def _padded(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, ids))
-    tokens = torch.tensor([[pad_id] * (width - len(r)) + r for r in ids], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
-    return tokens, mask
-
-
 def _two_pass(model, principled, plain, ratio: float, steps: int, pad_id: int) -> None:
     """The reference code's structure: two contexts, two cached forward passes per token."""
-    contexts = [ContextBatch(model, principled, pad_id), ContextBatch(model, plain, pad_id)]
-    l_p, l_0 = (c.prefill() for c in contexts)
+    contexts = [TransformersBackend(model, pad_id), TransformersBackend(model, pad_id)]
+    logits = [c.add(ids) for c, ids in zip(contexts, (principled, plain), strict=True)]
     for _ in range(steps):
-        scores = apply_mask(linear_combination([l_p, l_0], (1 + ratio, -ratio)), plausibility_mask(l_p, 0.8), l_p)
-        tokens = scores.argmax(-1)
-        l_p, l_0 = (c.step(tokens) for c in contexts)
+        tokens = aligned_scores(logits, (1 + ratio, -ratio), anchor=0, top_p=0.8).argmax(-1)
+        logits = [c.step(tokens) for c in contexts]
 
 
 def _runs(aligner: Aligner, prompts: list[str], new_tokens: int, ratio: float) -> dict[str, Callable[[], object]]:
@@ -115,8 +107,8 @@ def _runs(aligner: Aligner, prompts: list[str], new_tokens: int, ratio: float) -
     pad = tok.pad_token_id
     principled = [build_ids(tok, p, PRINCIPLE) for p in prompts]
     plain = [build_ids(tok, p) for p in prompts]
-    p_ids, p_mask = _padded(principled, pad, device)
-    n_ids, n_mask = _padded(plain, pad, device)
+    p_ids, p_mask, _ = left_padded(principled, pad, device)
+    n_ids, n_mask, _ = left_padded(plain, pad, device)
     forced = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad}
     align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio)
     prompting = AlignConfig(method="prompt", principles=[PRINCIPLE])

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from linalign.config import AlignConfig, DecodeConfig
 from linalign.errors import LinalignError
+from linalign.kernels import describe
 from linalign.options import (
     AmuletAlphaOpt,
     AmuletEtaOpt,
@@ -20,7 +20,6 @@ from linalign.options import (
     AmuletLambdaOpt,
     DeviceOpt,
     DtypeOpt,
-    GreedyOpt,
     LamOpt,
     MaskOpt,
     MaxNewOpt,
@@ -39,41 +38,13 @@ from linalign.options import (
     WeightOpt,
     exits_cleanly,
 )
-from linalign.prompts import to_conversation
+from linalign.prompts import Conversation, parse_conversations
+from linalign.resolve import align_configs, decode_config, parse_methods, unescape
 from linalign.serve.bench import serve_bench
 from linalign.serve.cli import serve
+from linalign.serve.playground import playground
 
 app = typer.Typer(help="Align a language model with a principle at decoding time.", no_args_is_help=True)
-
-
-def parse_methods(methods: str) -> list[str]:
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    if not names:
-        raise LinalignError("--method needs at least one of base, prompt, la, dera, amulet")
-    return names
-
-
-def decode_config(
-    max_new_tokens: int,
-    greedy: bool,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    seed: int | None,
-    stop: list[str] | None,
-    repetition_penalty: float = 1.0,
-) -> DecodeConfig:
-    sampling = not greedy and any(v is not None for v in (temperature, top_p, top_k, seed))
-    return DecodeConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
-        top_k=top_k or 0,
-        seed=seed,
-        stop=list(stop or []),
-        repetition_penalty=repetition_penalty,
-    )
 
 
 def _show_side_by_side(console: Console, prompts: list[str], results: dict[str, list]) -> None:
@@ -86,10 +57,34 @@ def _show_side_by_side(console: Console, prompts: list[str], results: dict[str, 
         console.print(table)
 
 
+def _read_prompts(prompts: list[str], messages: str | None) -> list[str | Conversation]:
+    """Questions from the arguments (or stdin lines for '-'), or conversations from `--messages`."""
+    if messages is not None:
+        if prompts:
+            raise LinalignError("give questions or --messages, not both")
+        if messages == "-":
+            return parse_conversations(sys.stdin, "stdin")
+        path = Path(messages)
+        if not path.is_file():
+            raise LinalignError(f"--messages file {messages!r} does not exist")
+        return parse_conversations(path.read_text().splitlines(), messages)
+    if prompts == ["-"]:
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise LinalignError("give at least one question ('-' reads them from stdin) or --messages FILE")
+    return list(prompts)
+
+
 @app.command()
 @exits_cleanly
 def generate(
-    prompts: Annotated[list[str], typer.Argument(help="Questions, or JSON message lists; '-' reads lines of stdin.")],
+    prompts: Annotated[
+        list[str] | None, typer.Argument(help="Questions, taken as they are; '-' reads one per line of stdin.")
+    ] = None,
+    messages: Annotated[
+        str | None,
+        typer.Option(help="JSON lines of conversations ([{role, content}, ...] per line); '-' reads stdin."),
+    ] = None,
     principle: PrincipleOpt = None,
     weight: WeightOpt = None,
     method: Annotated[str, typer.Option("--method", help="Comma-separated: base,prompt,la,dera,amulet.")] = "prompt,la",
@@ -107,7 +102,6 @@ def generate(
     max_new_tokens: MaxNewOpt = 128,
     system: SystemOpt = None,
     raw: RawOpt = False,
-    greedy: GreedyOpt = False,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
@@ -119,41 +113,49 @@ def generate(
     """Generate with each method, side by side, for every prompt (one batch per method)."""
     from linalign.engine import Aligner
 
-    if prompts == ["-"]:
-        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    for p in prompts:
-        to_conversation(p)
-    aligns = [
-        AlignConfig(
-            method=m,
-            principles=list(principle or []),
-            ratio=ratio,
-            weights=weight,
-            lam=lam,
-            plausibility_top_p=plausibility_top_p,
-            amulet_iterations=amulet_iterations,
-            amulet_eta=amulet_eta,
-            amulet_alpha=amulet_alpha,
-            amulet_lambda=amulet_lambda,
-        )
-        for m in parse_methods(method)
-    ]
+    inputs = _read_prompts(prompts or [], messages)
+    aligns = align_configs(
+        parse_methods(method),
+        principle,
+        ratio=ratio,
+        weights=weight,
+        lam=lam,
+        plausibility_top_p=plausibility_top_p,
+        amulet_iterations=amulet_iterations,
+        amulet_eta=amulet_eta,
+        amulet_alpha=amulet_alpha,
+        amulet_lambda=amulet_lambda,
+    )
     if any(a.method == "dera" for a in aligns) and ref_model is None:
         raise LinalignError("method 'dera' needs --ref-model")
-    config = decode_config(max_new_tokens, greedy, temperature, top_p, top_k, seed, stop, repetition_penalty)
-    console = Console()
+    config = decode_config(
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=[unescape(s) for s in stop or []],
+        repetition_penalty=repetition_penalty,
+    )
+    console = Console(stderr=as_json)
+    if not config.do_sample and any(v is not None for v in (top_p, top_k, seed)):
+        console.print("note: --top-p, --top-k and --seed shape sampling only; without --temperature decoding is greedy")
     with console.status(f"loading {model}", spinner="dots"):
         aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device)
     results = {}
     for align in aligns:
         label = align.label
         with console.status(f"decoding {label}", spinner="dots"):
-            results[label] = aligner.generate(prompts, align, config, system=system, raw=raw)
+            results[label] = aligner.generate(inputs, align, config, system=system, raw=raw)
         if as_json:
             for g in results[label]:
                 print(json.dumps(g.to_dict(), ensure_ascii=False), flush=True)
     if not as_json:
-        _show_side_by_side(console, prompts, results)
+        _show_side_by_side(console, [_title(p) for p in inputs], results)
+
+
+def _title(prompt: str | Conversation) -> str:
+    return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
 @app.command()
@@ -274,6 +276,8 @@ def evaluate(
     console = Console()
     with console.status(f"loading {model}", spinner="dots"):
         aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device)
+        weight = next(aligner.main.model.parameters())
+        settings.kernel = describe(weight.device, weight.dtype)
         scorer = RewardModel(reward_model, device=device) if reward_model else None
     console.print(f"{len(tasks)} tasks x {len(runs)} runs -> {out}")
     records = run_eval(aligner, tasks, settings, out, batch_size=batch_size, fluency=fluency, reward_model=scorer)
@@ -302,6 +306,7 @@ def evaluate(
 
 
 app.command()(serve)
+app.command()(playground)
 app.command("serve-bench")(serve_bench)
 
 

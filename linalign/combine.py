@@ -22,18 +22,26 @@ def linear_combination(term_logits: Sequence[torch.Tensor], weights: Sequence[fl
     return combined
 
 
-def plausibility_mask(anchor_logits: torch.Tensor, top_p: float, temperature: float = 1.0) -> torch.Tensor:
-    """Boolean `[batch, vocab]` mask of the nucleus of `softmax(anchor / T)` at `top_p`.
+def _per_row(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-row setting as a `[batch, 1]` column."""
+    return torch.as_tensor(value, dtype=torch.float32, device=like.device).reshape(-1, 1).expand(len(like), 1)
+
+
+def plausibility_mask(
+    anchor_logits: torch.Tensor, top_p: torch.Tensor | float, temperature: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """Boolean `[batch, vocab]` mask of the nucleus of `softmax(anchor / T)` at `top_p` (scalars or per row).
 
     A token is kept while the probability mass *before* it (in descending order) is below `top_p`,
     so the most likely token is always kept.
     """
-    probs = torch.softmax(anchor_logits.float() / temperature, dim=-1)
+    top_p = _per_row(top_p, anchor_logits)
+    probs = torch.softmax(anchor_logits.float() / _per_row(temperature, anchor_logits), dim=-1)
     # The nucleus is usually a handful of tokens: a top-k holding `top_p` of the mass decides it exactly,
     # at a fraction of the cost of sorting the whole vocabulary every step.
     k = min(_NUCLEUS_GUESS, probs.shape[-1])
     top_probs, order = probs.topk(k, dim=-1)
-    if (top_probs.sum(dim=-1) < top_p).any():
+    if (top_probs.sum(dim=-1, keepdim=True) < top_p).any():
         top_probs, order = probs.sort(dim=-1, descending=True)
     keep = (top_probs.cumsum(dim=-1) - top_probs) < top_p
     keep[..., 0] = True

@@ -2,6 +2,11 @@
 
 Both validate on construction so that bad input fails before any model work, with a message
 that names the value and the rule.
+
+The sampling rule, the same for the API, the CLI, the server and the evaluation: decoding is greedy unless
+`temperature > 0`; then it samples at that temperature. `top_p`, `top_k` and `seed` shape sampling only and
+are ignored (reset to their neutral values) under greedy decoding, where the plausibility mask is computed at
+temperature 1.
 """
 
 from __future__ import annotations
@@ -9,54 +14,79 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from linalign.amulet import amulet_weights
 from linalign.errors import LinalignError
 
 METHODS = ("base", "prompt", "la", "dera", "amulet")
+MAX_SEED = 2**63
 
 
 def _finite(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise LinalignError(f"{name} must be a finite number, got {value!r}")
+
+
+def _integer(name: str, value: int, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise LinalignError(f"{name} must be an integer {bound}, got {value!r}")
 
 
 @dataclass
 class DecodeConfig:
-    """Decoding parameters, with the meaning they have in `transformers.GenerationConfig`."""
+    """Decoding parameters, with the meaning they have in `transformers.GenerationConfig`; see the module
+    docstring for when decoding samples. `logprobs` asks for the log-probability of each chosen token and
+    that many top alternatives (0: the chosen token's only)."""
 
     max_new_tokens: int = 128
     min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
+    temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise LinalignError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+        _integer("max_new_tokens", self.max_new_tokens, 1)
+        _integer("min_new_tokens", self.min_new_tokens, 0)
+        if self.min_new_tokens > self.max_new_tokens:
             raise LinalignError(
                 f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
                 f"got {self.min_new_tokens!r}"
             )
         _finite("temperature", self.temperature)
-        if self.temperature <= 0:
-            raise LinalignError(f"temperature must be > 0, got {self.temperature!r} (use greedy decoding instead)")
+        if self.temperature < 0:
+            raise LinalignError(f"temperature must be >= 0 (0 is greedy decoding), got {self.temperature!r}")
         _finite("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise LinalignError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < 0:
-            raise LinalignError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+        _integer("top_k", self.top_k, 0)
         _finite("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise LinalignError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if self.no_repeat_ngram_size < 0:
-            raise LinalignError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size!r}")
-        if any(not s for s in self.stop):
-            raise LinalignError("stop strings must be non-empty")
+        _integer("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise LinalignError("stop strings must be non-empty strings")
+        if self.seed is not None:
+            _integer("seed", self.seed, 0, MAX_SEED)
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, 0, 21)
+        if not self.do_sample:  # the sampling rule: these shape sampling only
+            self.top_p, self.top_k, self.seed = 1.0, 0, None
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+    @property
+    def mask_temperature(self) -> float:
+        """Temperature of the distribution the plausibility mask is taken from."""
+        return self.temperature if self.do_sample else 1.0
 
 
 @dataclass
@@ -65,12 +95,15 @@ class AlignConfig:
 
     - `base`: the prompt without any principle, plain decoding.
     - `prompt`: the principle as system message, plain decoding.
-    - `la`: Linear Alignment, `l_0 + sum_i w_i (l_{p_i} - l_0)`; one principle with weight `1 + ratio`
-      is the paper's `l_p + ratio (l_p - l_0)`. Weights below zero push away from a principle.
+    - `la`: Linear Alignment, `l_0 + sum_i c_i (l_{p_i} - l_0)` with `c_i = w_i (1 + ratio)`; one principle
+      with weight 1 (the default) is the paper's `l_p + ratio (l_p - l_0)`. Weights scale the ratio per
+      principle; below zero they push away from a principle.
     - `dera`: `lam * l_aligned + (1 - lam) * l_ref` across two models that share a vocabulary.
     - `amulet`: per-token online optimisation between the principled and plain distributions
       (`amulet_iterations`, learning rate `amulet_eta`, reward scale `amulet_alpha`, multiplier `amulet_lambda`;
       the authors' defaults).
+
+    Principles must not be blank: a blank one is an error wherever it comes from.
     """
 
     method: str = "la"
@@ -89,8 +122,11 @@ class AlignConfig:
             raise LinalignError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if isinstance(self.principles, str):
             self.principles = [self.principles]
-        if self.method in ("prompt", "la", "amulet") and not any(p.strip() for p in self.principles):
-            raise LinalignError(f"method {self.method!r} needs a non-empty principle")
+        for i, p in enumerate(self.principles):
+            if not isinstance(p, str) or not p.strip():
+                raise LinalignError(f"principle {i + 1} is blank; give a non-empty text or leave it out")
+        if self.method in ("prompt", "la", "amulet") and not self.principles:
+            raise LinalignError(f"method {self.method!r} needs a principle")
         if self.method == "amulet" and len(self.principles) > 1:
             raise LinalignError(f"method 'amulet' takes one principle, got {len(self.principles)}")
         _finite("ratio", self.ratio)
@@ -109,33 +145,45 @@ class AlignConfig:
                 )
             for w in self.weights:
                 _finite("weight", w)
-        if self.amulet_iterations < 0:
-            raise LinalignError(f"amulet_iterations must be >= 0, got {self.amulet_iterations!r}")
+        _integer("amulet_iterations", self.amulet_iterations, 0)
         for name in ("amulet_eta", "amulet_alpha", "amulet_lambda"):
             value = getattr(self, name)
             _finite(name, value)
             if value <= 0:
                 raise LinalignError(f"{name} must be > 0, got {value!r}")
 
+    def resolved_weights(self) -> list[float]:
+        """Each principle's coefficient `c_i = w_i (1 + ratio)` in Linear Alignment."""
+        weights = self.weights if self.weights is not None else [1.0] * len(self.principles)
+        return [w * (1.0 + self.ratio) for w in weights]
+
     @property
-    def strength(self) -> dict[str, float | None]:
-        """The knob a user turned, for reports: `lam` for DeRa, `iterations` for Amulet, else `ratio`
-        (0 for plain prompting)."""
+    def amulet_coefficients(self) -> tuple[float, float]:
+        return amulet_weights(self.amulet_iterations, self.amulet_eta, self.amulet_alpha, self.amulet_lambda)
+
+    @property
+    def strength(self) -> dict[str, float | list[float] | None]:
+        """The knobs a user turned, for records: `lam` for DeRa, `iterations` for Amulet, else `ratio`
+        (0 for plain prompting) and, where given, the principles' `weights`."""
         if self.method == "dera":
             return {"lam": self.lam}
         if self.method == "amulet":
             return {"iterations": self.amulet_iterations}
-        return {"ratio": {"base": None, "prompt": 0.0}.get(self.method, self.ratio)}
+        strength: dict = {"ratio": {"base": None, "prompt": 0.0}.get(self.method, self.ratio)}
+        if self.method == "la" and self.weights is not None:
+            strength["weights"] = list(self.weights)
+        return strength
 
     @property
     def label(self) -> str:
-        """'prompt', 'la ratio=2', 'dera lam=0.5', 'amulet iterations=60': the method and its strength."""
+        """'prompt', 'la ratio=2', 'la ratio=2 weights=1,-0.5', 'dera lam=0.5': the method and its strength."""
         if self.method in ("base", "prompt"):
             return self.method
-        label = self.method + "".join(f" {k}={v:g}" for k, v in self.strength.items())
-        if self.method == "la" and self.weights is not None and len(self.weights) > 1:
-            label += " extra-weights=" + ",".join(f"{w:g}" for w in self.weights[1:])
-        return label
+        parts = [
+            f"{k}=" + (",".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}")
+            for k, v in self.strength.items()
+        ]
+        return " ".join([self.method, *parts])
 
     @property
     def mask_enabled(self) -> bool:

@@ -1,197 +1,349 @@
-"""Where the decode loop lives: every (model, context) term of every sequence, in lock-step.
+"""Where the decode loop lives: every (model, context) row of every sequence, in lock-step.
 
-All contexts that one model sees (e.g. with and without the principle, for every sequence of the
-batch) form one left-padded batch with one KV cache, so each step is a single forward pass per model
-over `contexts x batch` rows and nothing is recomputed. The chosen token is appended to every context
-of its sequence; a sequence that finishes (EOS, a stop string, cancelled) leaves the batch and its cache,
-and reports padding from then on.
+A sequence is a prepared request (`Prepared`: its plan of weighted terms, each term's prompt ids and its
+own decoding settings). Its distinct contexts become rows of the backends (one per model), added after the
+rows already there, so the row order is sequence by sequence, in the order sequences joined:
+
+    rows of model m = [seq0 ctx0, seq0 ctx1, seq1 ctx0, seq1 ctx1, seq2 ctx0, ...]
+
+A `Decoder` step (1) combines each sequence's rows into its scores, applies its processors, mask and warpers
+and chooses its token (`linalign.step`), (2) turns tokens into text and finds who finished (EOS, a stop
+string, its length, cancelled), (3) drops finished sequences' rows, and (4) runs one forward pass per model
+for the rows left, so every sequence's next logits are ready. Sequences may join between steps (`add`); no
+forward pass runs once nobody is left.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
-    NoRepeatNGramLogitsProcessor,
-    PreTrainedModel,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
-from transformers.generation.stopping_criteria import StopStringCriteria
+from transformers import PreTrainedTokenizerBase
 
-from linalign.combine import apply_mask, plausibility_mask
+from linalign.backends import Backend
 from linalign.config import DecodeConfig
-from linalign.kernels import TransposedLinears
 from linalign.methods import Plan
-
-
-class ContextBatch:
-    """Rows of token ids decoded together by one model, with their KV cache."""
-
-    def __init__(self, model: PreTrainedModel, rows: Sequence[Sequence[int]], pad_id: int) -> None:
-        self.model = model
-        device = model.device
-        width = max(len(r) for r in rows)
-        self.input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-        self.attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-        for i, row in enumerate(rows):
-            self.input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            self.attention_mask[i, width - len(row) :] = 1
-        self.cache = None
-        # transformers 5 renamed the KV cache `past_key_values` -> `cache` (argument and output); older
-        # releases know only the first name.
-        self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.last_position = self.attention_mask.sum(-1) - 1
-        self.linears = TransposedLinears(model)
-
-    @torch.inference_mode()
-    def prefill(self) -> torch.Tensor:
-        positions = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return self._forward(self.input_ids, positions)
-
-    @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append `tokens` (one per row) and return next-token logits."""
-        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((len(tokens), 1))], 1)
-        self.last_position = self.last_position + 1
-        with self.linears.active():  # a step has few rows: see linalign.kernels
-            return self._forward(tokens[:, None], self.last_position[:, None])
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop every row but `rows` (indices) from the batch and its KV cache."""
-        self.attention_mask = self.attention_mask[rows]
-        self.last_position = self.last_position[rows]
-        self.cache.batch_select_indices(rows)
-
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=self.attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_name: self.cache},
-        )
-        self.cache = getattr(out, self._cache_name)
-        return out.logits[:, -1, :].float()
-
-
-def logits_processors(config: DecodeConfig, eos_ids: list[int], prompt_length: int) -> LogitsProcessorList:
-    """The standard `transformers` processors, applied to the combined logits."""
-    processors = LogitsProcessorList()
-    if config.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
-    if config.no_repeat_ngram_size > 0:
-        processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
-    if config.min_new_tokens > 0:
-        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos_ids))
-    return processors
-
-
-def sampling_warpers(config: DecodeConfig) -> LogitsProcessorList:
-    warpers = LogitsProcessorList()
-    if config.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_k > 0:
-        warpers.append(TopKLogitsWarper(config.top_k))
-    if config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(config.top_p))
-    return warpers
+from linalign.step import choose, logits_processors, masked_scores, sampling_warpers
+from linalign.text import TextStream
 
 
 @dataclass
-class Step:
-    """One decoded position: the token per sequence (padding once finished) and who is done."""
+class Prepared:
+    """One sequence ready to decode: `term_ids[k]` is the prompt of term `k` of `plan`, tokenised."""
 
-    tokens: torch.Tensor
-    finished: torch.Tensor
+    plan: Plan
+    term_ids: list[list[int]]
+    config: DecodeConfig
+    seed: int | None = None  # this sequence's own sampling seed (the batch's seed plus its index)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.term_ids[self.plan.anchor])
 
 
-def decode(
-    plan: Plan,
-    models: Sequence[PreTrainedModel],
-    term_ids: Sequence[Sequence[Sequence[int]]],
-    config: DecodeConfig,
-    eos_ids: list[int],
-    pad_id: int,
-    plausibility_top_p: float = 0.8,
-    stop_criteria: StopStringCriteria | None = None,
-    cancelled: Sequence[bool] | None = None,
-) -> Iterator[Step]:
-    """Yield one `Step` per generated position until every sequence is finished.
+@dataclass
+class TopLogprobs:
+    """The chosen token's log-probability under the aligned distribution and the top alternatives, with the
+    top alternatives of the anchor (principled) and plain contexts where the plan has them."""
 
-    `term_ids[k][b]` is the prompt of sequence `b` for term `k` of `plan`. `cancelled` may be changed by
-    the caller between steps (e.g. a client went away): those sequences finish at the next step.
-    """
-    batch = len(term_ids[0])
-    device = models[plan.terms[0].model].device
-    # Rows of one model: each of its distinct contexts, for every sequence; terms share identical contexts.
-    context_of_term: list[tuple[int, int]] = []  # (model, index of the context among that model's)
-    rows: dict[int, list[Sequence[int]]] = {}
-    for term, ids in zip(plan.terms, term_ids, strict=True):
-        model_rows = rows.setdefault(term.model, [])
-        for start in range(0, len(model_rows), batch):
-            if [list(r) for r in model_rows[start : start + batch]] == [list(r) for r in ids]:
-                context_of_term.append((term.model, start // batch))
-                break
-        else:
-            context_of_term.append((term.model, len(model_rows) // batch))
-            model_rows.extend(ids)
-    contexts = {m: ContextBatch(models[m], r, pad_id) for m, r in rows.items()}
-    n_contexts = {m: len(r) // batch for m, r in rows.items()}
+    logprob: float
+    aligned: list[tuple[int, float]]
+    principled: list[tuple[int, float]] | None = None
+    plain: list[tuple[int, float]] | None = None
 
-    # Processors see the first term's context, as `generate` would on that prompt.
-    first_model, first_context = context_of_term[0]
-    history = contexts[first_model].input_ids[first_context * batch : (first_context + 1) * batch]
-    processors = logits_processors(config, eos_ids, history.shape[1])
-    warpers = sampling_warpers(config) if config.do_sample else LogitsProcessorList()
-    generator = None
-    if config.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
-    eos = torch.tensor(eos_ids, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    # Sequences still decoding, by their index in the batch: finished ones leave the forward pass.
-    active = torch.arange(batch, device=device)
 
-    logits_by_model = {m: c.prefill() for m, c in contexts.items()}
-    for _ in range(config.max_new_tokens):
-        width = len(active)
-        term_logits = [logits_by_model[m][c * width : (c + 1) * width].to(device) for m, c in context_of_term]
-        scores = processors(history, plan.combine(term_logits))
-        if plan.anchor is not None:
-            # Constraints such as min_new_tokens bind the mask's distribution and the fallback too.
-            anchor = processors(history, term_logits[plan.anchor].clone())
-            mask = plausibility_mask(anchor, plausibility_top_p, config.temperature)
-            scores = apply_mask(scores, mask, fallback=anchor)
-        chosen = _choose(warpers(history, scores), config.do_sample, generator)
-        history = torch.cat([history, chosen[:, None]], dim=1)
-        done = torch.isin(chosen, eos)
-        if stop_criteria is not None:
-            done = done | stop_criteria(history, scores).to(device)
-        if cancelled is not None:
-            done = done | torch.tensor(list(cancelled), dtype=torch.bool, device=device)[active]
-        tokens = torch.full((batch,), pad_id, dtype=torch.long, device=device).index_copy(0, active, chosen)
-        finished = finished.index_copy(0, active, done)
-        yield Step(tokens=tokens, finished=finished.clone())
-        if finished.all():
+@dataclass
+class Event:
+    """What one step did for one sequence: the token chosen (None when cancelled before choosing), the new
+    visible text, and the finish reason on its last event."""
+
+    key: Hashable
+    token: int | None
+    text: str
+    finish_reason: str | None = None
+    logprobs: TopLogprobs | None = None
+
+
+@dataclass
+class _Sequence:
+    key: Hashable
+    prepared: Prepared
+    text: TextStream
+    history: torch.Tensor  # `[1, length]`: the anchor context's prompt and the tokens chosen so far
+    generator: torch.Generator | None
+    weights: dict[int, list[tuple[int, float]]]  # model -> (context index, weight) of every term on it
+    anchor: tuple[int, int]  # (model, context index) of the anchor term
+    plain: tuple[int, int] | None
+    first: dict[int, int] = field(default_factory=dict)  # model -> row of this sequence's first context
+    new_tokens: int = 0
+    cancelled: bool = False
+    done: bool = False  # finished, its rows kept only because a backend cannot drop rows
+
+    @property
+    def config(self) -> DecodeConfig:
+        return self.prepared.config
+
+    def row(self, where: tuple[int, int]) -> int:
+        return self.first[where[0]] + where[1]
+
+
+def _contexts(prepared: Prepared) -> tuple[dict[int, list[list[int]]], dict[int, list[tuple[int, float]]], list]:
+    """Each model's distinct contexts of one sequence, the (context, weight) of every term on each model, and
+    the (model, context) of every term: identical contexts of one model share a row."""
+    contexts: dict[int, list[list[int]]] = {}
+    weights: dict[int, list[tuple[int, float]]] = {}
+    where = []
+    for term, ids in zip(prepared.plan.terms, prepared.term_ids, strict=True):
+        model_contexts = contexts.setdefault(term.model, [])
+        if ids not in model_contexts:
+            model_contexts.append(ids)
+        where.append((term.model, model_contexts.index(ids)))
+        weights.setdefault(term.model, []).append((where[-1][1], term.weight))
+    return contexts, weights, where
+
+
+class Decoder:
+    """Sequences decoding together over one backend per model (see the module docstring)."""
+
+    def __init__(
+        self,
+        backends: dict[int, Backend],
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: Sequence[int],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.backends, self.tokenizer = backends, tokenizer
+        self.eos_ids = list(eos_ids)
+        self.device = torch.device(device)
+        self.sequences: list[_Sequence] = []  # in row order
+        self.rows: dict[int, int] = dict.fromkeys(backends, 0)  # rows held per model
+        self.logits: dict[int, torch.Tensor] = {}  # per model: next-token logits of every row
+        self._last: torch.Tensor | None = None  # tokens chosen at the last step, one per sequence
+
+    def __len__(self) -> int:
+        """Sequences still decoding."""
+        return sum(not s.done for s in self.sequences)
+
+    @property
+    def can_add(self) -> bool:
+        """Whether sequences can join now: always when idle; while others decode, if every cache can merge."""
+        return not self.sequences or all(getattr(b, "can_merge", True) for b in self.backends.values())
+
+    def add(self, key: Hashable, prepared: Prepared) -> None:
+        """Prefill `prepared` and let it decode from the next step on."""
+        self.add_many([(key, prepared)])
+
+    def add_many(self, items: Sequence[tuple[Hashable, Prepared]]) -> None:
+        """Prefill several sequences in one forward pass per model."""
+        if not items:
             return
-        if done.any():
-            keep = (~done).nonzero().squeeze(1)
-            active, history, chosen = active[keep], history[keep], chosen[keep]
-            for m, c in contexts.items():
-                c.keep(torch.cat([keep + i * width for i in range(n_contexts[m])]).to(c.model.device))
-        logits_by_model = {m: c.step(chosen.repeat(n_contexts[m]).to(c.model.device)) for m, c in contexts.items()}
+        if not self.can_add:
+            raise RuntimeError("this model's cache cannot take new sequences while others decode")
+        self._advance()  # rows already decoding get their next logits first: new rows join after them
+        prompts: dict[int, list[list[int]]] = {m: [] for m in self.backends}
+        for key, prepared in items:
+            contexts, weights, where = _contexts(prepared)
+            plain = prepared.plan.plain
+            seq = _Sequence(
+                key=key,
+                prepared=prepared,
+                text=TextStream(self.tokenizer, prepared.config.stop),
+                history=torch.tensor([prepared.term_ids[prepared.plan.anchor]], dtype=torch.long, device=self.device),
+                generator=self._generator(prepared),
+                weights=weights,
+                anchor=where[prepared.plan.anchor],
+                plain=where[plain] if plain is not None else None,
+            )
+            for m, model_contexts in contexts.items():
+                seq.first[m] = self.rows[m] + len(prompts[m])
+                prompts[m].extend(model_contexts)
+            self.sequences.append(seq)
+        for m, rows in prompts.items():
+            if rows:
+                new = self.backends[m].add(rows).to(self.device)
+                self.logits[m] = torch.cat([self.logits[m], new]) if self.rows[m] else new
+                self.rows[m] += len(rows)
+        self._reindex()
+
+    def _generator(self, prepared: Prepared) -> torch.Generator | None:
+        if not prepared.config.do_sample or prepared.seed is None:
+            return None  # unseeded sampling draws from torch's global generator
+        return torch.Generator(device=self.device).manual_seed(prepared.seed)
+
+    def cancel(self, key: Hashable) -> None:
+        """End sequence `key` at the next step (finish reason "cancelled"), before it chooses another token."""
+        for s in self.sequences:
+            if s.key == key and not s.done:
+                s.cancelled = True
+
+    def step(self) -> list[Event]:
+        """Choose one token for every sequence and report what happened; finished sequences leave."""
+        events = []
+        for s in self.sequences:
+            if s.cancelled and not s.done:
+                s.done = True
+                events.append(Event(s.key, None, s.text.delta(final=True), "cancelled"))
+        self._drop_done()
+        if not len(self):
+            return events
+        self._advance()
+        chosen, logprobs = self._choose()
+        for i, (s, token) in enumerate(zip(self.sequences, chosen.tolist(), strict=True)):
+            if s.done:
+                continue
+            s.new_tokens += 1
+            s.text.push(token)
+            reason = self._finish_reason(s, token)
+            if reason:
+                s.text.finish()
+                s.done = True
+            events.append(Event(s.key, token, s.text.delta(final=reason is not None), reason, logprobs[i]))
+        self._last = chosen
+        self._drop_done()
+        return events
+
+    def run(self) -> Iterator[list[Event]]:
+        """Step until every sequence has finished."""
+        while len(self):
+            yield self.step()
+
+    # -- the stages of a step --------------------------------------------------------------------------
+
+    def _finish_reason(self, s: _Sequence, token: int) -> str | None:
+        if token in self.eos_ids or s.text.stopped:
+            return "stop"
+        if s.new_tokens >= s.config.max_new_tokens:
+            return "length"
+        return None
+
+    def _reindex(self) -> None:
+        """Per model, the row, sequence and weight of every term: tensors for the vectorised combination."""
+        self._terms: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for m in self.backends:
+            entries = [(s.first[m] + c, i, w) for i, s in enumerate(self.sequences) for c, w in s.weights.get(m, [])]
+            if entries:
+                rows, seqs, weights = zip(*entries, strict=True)
+                self._terms[m] = (
+                    torch.tensor(rows, device=self.device),
+                    torch.tensor(seqs, device=self.device),
+                    torch.tensor(weights, dtype=torch.float32, device=self.device)[:, None],
+                )
+
+    def _combined(self) -> torch.Tensor:
+        """`sum_k w_k l_k` for every sequence at once, in float32."""
+        vocab = next(iter(self.logits.values())).shape[-1]
+        combined = torch.zeros((len(self.sequences), vocab), dtype=torch.float32, device=self.device)
+        for m, (rows, seqs, weights) in self._terms.items():
+            combined.index_add_(0, seqs, self.logits[m][rows] * weights)
+        return combined
+
+    def _context_logits(self, where: Sequence[tuple[int, int] | None]) -> torch.Tensor:
+        """`[sequences, V]` logits of one context per sequence, given as (model, context index)."""
+        vocab = next(iter(self.logits.values())).shape[-1]
+        out = torch.zeros((len(self.sequences), vocab), device=self.device)
+        for m in self.backends:
+            picks = [
+                (i, s.row(w)) for i, (s, w) in enumerate(zip(self.sequences, where, strict=True)) if w and w[0] == m
+            ]
+            if picks:
+                seqs, rows = zip(*picks, strict=True)
+                out[list(seqs)] = self.logits[m][list(rows)]
+        return out
+
+    def _choose(self) -> tuple[torch.Tensor, list[TopLogprobs | None]]:
+        scores = self._combined()
+        anchor = self._context_logits([s.anchor for s in self.sequences])
+        for i, s in enumerate(self.sequences):
+            processors = logits_processors(s.config, self.eos_ids, s.prepared.prompt_tokens)
+            if processors:  # on the sequence's own, unpadded history
+                scores[i : i + 1] = processors(s.history, scores[i : i + 1])
+                anchor[i : i + 1] = processors(s.history, anchor[i : i + 1].clone())
+        top_p = [s.prepared.plan.mask_top_p or 0.0 for s in self.sequences]
+        temperature = [s.config.mask_temperature for s in self.sequences]
+        scores = masked_scores(scores, anchor, top_p if any(top_p) else None, temperature)
+        aligned = scores.clone() if any(s.config.logprobs is not None for s in self.sequences) else None
+        for i, s in enumerate(self.sequences):
+            warpers = sampling_warpers(s.config)
+            if warpers:
+                scores[i : i + 1] = warpers(s.history, scores[i : i + 1])
+        chosen = choose(scores, [s.config.do_sample for s in self.sequences], [s.generator for s in self.sequences])
+        for i, s in enumerate(self.sequences):
+            s.history = torch.cat([s.history, chosen[i : i + 1, None]], dim=1)
+        if aligned is None:
+            return chosen, [None] * len(self.sequences)
+        return chosen, self._logprobs(aligned, anchor, chosen)
+
+    def _logprobs(self, aligned: torch.Tensor, anchor: torch.Tensor, chosen: torch.Tensor) -> list[TopLogprobs | None]:
+        """The chosen token's log-probability and the top alternatives under the aligned, principled and plain
+        distributions, for the sequences that ask."""
+        aligned = torch.log_softmax(aligned, dim=-1)
+        plain = self._context_logits([s.plain for s in self.sequences])
+        out: list[TopLogprobs | None] = []
+        for i, s in enumerate(self.sequences):
+            k = s.config.logprobs
+            if k is None:
+                out.append(None)
+                continue
+            contrast = s.plain is not None
+            out.append(
+                TopLogprobs(
+                    logprob=float(aligned[i, chosen[i]]),
+                    aligned=_top(aligned[i], k),
+                    principled=_top(anchor[i], k) if contrast else None,
+                    plain=_top(plain[i], k) if contrast else None,
+                )
+            )
+        return out
+
+    def _drop_done(self) -> None:
+        """Drop finished sequences' rows from every backend; where a backend cannot drop rows, they stay
+        (decoding padding that nobody reads) until every sequence has finished."""
+        if not any(s.done for s in self.sequences):
+            return
+        droppable = all(getattr(b, "can_drop", True) for b in self.backends.values())
+        if droppable or not len(self):
+            self._keep([i for i, s in enumerate(self.sequences) if not s.done])
+
+    def _keep(self, indices: list[int]) -> None:
+        """Keep only the sequences at `indices`, and their rows in every backend."""
+        remaining = [self.sequences[i] for i in indices]
+        for m, backend in self.backends.items():
+            rows = [s.first[m] + c for s in remaining if m in s.first for c in range(self._contexts_on(s, m))]
+            if len(rows) < self.rows[m]:
+                backend.keep(torch.tensor(rows, dtype=torch.long))
+                if m in self.logits:
+                    self.logits[m] = self.logits[m][rows]
+                self.rows[m] = len(rows)
+            first = 0
+            for s in remaining:
+                if m in s.first:
+                    s.first[m], first = first, first + self._contexts_on(s, m)
+        if self._last is not None:
+            self._last = self._last[indices]
+        self.sequences = remaining
+        self._reindex()
+
+    @staticmethod
+    def _contexts_on(s: _Sequence, m: int) -> int:
+        return 1 + max(c for c, _ in s.weights[m])
+
+    def _advance(self) -> None:
+        """Run the forward pass for the tokens chosen at the last step, once, before anything reads logits."""
+        if self._last is None:
+            return
+        last, self._last = self._last, None
+        for m, backend in self.backends.items():
+            if self.rows[m]:
+                owners = [
+                    i for i, s in enumerate(self.sequences) if m in s.first for _ in range(self._contexts_on(s, m))
+                ]
+                tokens = last[torch.tensor(owners, dtype=torch.long, device=self.device)]
+                self.logits[m] = backend.step(tokens).to(self.device)
 
 
-def _choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
-    if not do_sample:
-        return scores.argmax(dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+def _top(logits: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    if not k:
+        return []
+    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(k)
+    return list(zip(ids.tolist(), values.tolist(), strict=True))

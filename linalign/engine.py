@@ -8,16 +8,13 @@ out = aligner.generate(["Name three fruits."],
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from transformers.generation.stopping_criteria import StopStringCriteria
-
 from linalign.config import AlignConfig, DecodeConfig
-from linalign.decode import decode
+from linalign.decode import Decoder, Event, Prepared
 from linalign.errors import LinalignError
-from linalign.methods import Plan, make_plan
+from linalign.methods import make_plan
 from linalign.models import LoadedModel, load_model
 from linalign.prompts import Conversation, build_ids, to_conversation
 
@@ -34,8 +31,8 @@ class Generation:
     new_tokens: int
     prompt_tokens: int
     seconds: float
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    strength: dict[str, float | None] = field(default_factory=dict)
+    finish_reason: str  # "stop" (EOS or a stop string), "length" or "cancelled"
+    strength: dict = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list, repr=False)  # as chosen, EOS included
 
     def to_dict(self) -> dict:
@@ -57,45 +54,19 @@ class TextDelta:
 
 def check_same_vocabulary(a: LoadedModel, b: LoadedModel) -> None:
     """DeRa mixes logits token by token, so both models must index the same vocabulary."""
-    size_a, size_b = (
-        a.model.get_output_embeddings().weight.shape[0],
-        b.model.get_output_embeddings().weight.shape[0],
-    )
-    if size_a != size_b:
-        raise LinalignError(f"vocabulary mismatch: {a.name} has {size_a} output tokens, {b.name} has {size_b}")
+    if a.vocab_size != b.vocab_size:
+        raise LinalignError(
+            f"vocabulary mismatch: {a.name} has {a.vocab_size} output tokens, {b.name} has {b.vocab_size}"
+        )
     if a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
         raise LinalignError(f"vocabulary mismatch: {a.name} and {b.name} map tokens to different ids")
 
 
-class _RowText:
-    """Incremental detokenisation of one sequence, holding back what a stop string might still claim."""
-
-    def __init__(self, tokenizer, stops: Sequence[str], prompt_tokens: int) -> None:
-        self.tokenizer, self.stops, self.prompt_tokens = tokenizer, list(stops), prompt_tokens
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.finish_reason: str | None = None
-
-    def text(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cuts = [text.find(s) for s in self.stops if s in text]
-        return text[: min(cuts)] if cuts else text
-
-    def push(self, token: int, finish_reason: str | None) -> str:
-        self.ids.append(token)
-        text = self.text()
-        if finish_reason is None:
-            hold = max((len(s) - 1 for s in self.stops), default=0)
-            text = text[: len(text) - hold] if hold else text
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character
-                return ""
-        delta, self.emitted = text[self.emitted :], max(self.emitted, len(text))
-        self.finish_reason = finish_reason
-        return delta
-
-
 class Aligner:
-    """A model (and optionally DeRa's reference model) ready to decode with any method."""
+    """A model (and optionally DeRa's reference model) ready to decode with any method.
+
+    Thread-safe: every call decodes in its own batch and cache over the shared weights.
+    """
 
     def __init__(
         self,
@@ -119,50 +90,79 @@ class Aligner:
 
     def prepare(
         self,
-        prompts: Sequence[Prompt],
+        prompt: Prompt,
         align: AlignConfig,
         config: DecodeConfig,
-        system: str | None,
-        raw: bool,
-        principles: Sequence[Sequence[str]] | None,
-    ) -> tuple[Plan, list[list[list[int]]]]:
-        """Validate everything and tokenise every context, before any model work.
+        *,
+        system: str | None = None,
+        raw: bool = False,
+        seed: int | None = None,
+    ) -> Prepared:
+        """Validate one sequence and tokenise each of its contexts, before any model work.
 
-        Returns the plan of terms and, per term, the token ids of every prompt's context; `generate` and
-        `stream` call it first, and a server can call it to reject a bad request before queueing it.
+        The result can be decoded by `decode` or added to a running `Decoder` (as the server does).
         """
-        if isinstance(prompts, str) or not prompts:
-            raise LinalignError("prompts must be a non-empty list of prompts")
-        conversations = [to_conversation(p) for p in prompts]
-        if principles is not None and len(principles) != len(prompts):
-            raise LinalignError(f"got principles for {len(principles)} prompts, but {len(prompts)} prompts")
-        # Rows may carry their own principles as long as every row combines the same terms the same way.
-        plans = [
-            make_plan(align if principles is None else replace(align, principles=list(p)))
-            for p in (principles or [None])
-        ]
-        shapes = {tuple((t.model, t.weight) for t in plan.terms) + (plan.anchor,) for plan in plans}
-        if len(shapes) > 1:
-            raise LinalignError("every prompt of a batch needs the same number of principles and weights")
-        if 1 in plans[0].models and self.reference is None:
+        conversation = to_conversation(prompt)
+        plan = make_plan(align)
+        if 1 in plan.models and self.reference is None:
             raise LinalignError("method 'dera' needs a reference model (reference=... / --ref-model)")
         loaded = (self.main, self.reference)
-        term_ids = [
-            [
-                build_ids(loaded[t.model].tokenizer, c, plans[i % len(plans)].terms[k].principle, system, raw)
-                for i, c in enumerate(conversations)
-            ]
-            for k, t in enumerate(plans[0].terms)
-        ]
-        for t, ids in zip(plans[0].terms, term_ids, strict=True):
+        term_ids = [build_ids(loaded[t.model].tokenizer, conversation, t.principle, system, raw) for t in plan.terms]
+        for t, ids in zip(plan.terms, term_ids, strict=True):
             limit = loaded[t.model].context_length
-            for i, row in enumerate(ids):
-                if limit is not None and len(row) + config.max_new_tokens > limit:
-                    raise LinalignError(
-                        f"prompt {i} is {len(row)} tokens; with max_new_tokens={config.max_new_tokens} it "
-                        f"exceeds the model's context of {limit} tokens"
-                    )
-        return plans[0], term_ids
+            if limit is not None and len(ids) + config.max_new_tokens > limit:
+                raise LinalignError(
+                    f"the prompt is {len(ids)} tokens; with max_new_tokens={config.max_new_tokens} it exceeds "
+                    f"the model's context of {limit} tokens"
+                )
+        return Prepared(plan, term_ids, config, seed=seed if seed is not None else config.seed)
+
+    def prepare_batch(
+        self,
+        prompts: Sequence[Prompt],
+        align: AlignConfig | None = None,
+        config: DecodeConfig | None = None,
+        *,
+        system: str | None = None,
+        raw: bool = False,
+        principles: Sequence[Sequence[str]] | None = None,
+    ) -> list[Prepared]:
+        """`prepare` for every prompt; `principles[i]` replaces `align.principles` for prompt `i`, and prompt
+        `i` samples with seed `config.seed + i`, so its sample does not depend on its companions."""
+        if isinstance(prompts, str) or not prompts:
+            raise LinalignError("prompts must be a non-empty list of prompts")
+        if principles is not None and len(principles) != len(prompts):
+            raise LinalignError(f"got principles for {len(principles)} prompts, but {len(prompts)} prompts")
+        align = align or AlignConfig(method="base")
+        config = config or DecodeConfig()
+        aligns = [align if principles is None else replace(align, principles=list(p)) for p in principles or prompts]
+        return [
+            self.prepare(
+                p, a, config, system=system, raw=raw, seed=None if config.seed is None else (config.seed + i) % 2**63
+            )
+            for i, (p, a) in enumerate(zip(prompts, aligns, strict=True))
+        ]
+
+    def decoder(self) -> Decoder:
+        """An empty decode loop over fresh caches of the model(s)."""
+        backends = {0: self.main.open()}
+        if self.reference is not None:
+            backends[1] = self.reference.open()
+        return Decoder(backends, self.tokenizer, self.main.eos_ids, device=self.main.device)
+
+    def decode(self, prepared: Sequence[Prepared], cancelled: Sequence[bool] | None = None) -> Iterator[list[Event]]:
+        """Decode prepared sequences as one batch, yielding every step's events (keys are the indices).
+
+        Setting `cancelled[i] = True` between steps ends sequence `i` (finish reason "cancelled").
+        """
+        decoder = self.decoder()
+        decoder.add_many(list(enumerate(prepared)))
+        while len(decoder):
+            if cancelled is not None:
+                for i, flag in enumerate(cancelled):
+                    if flag:
+                        decoder.cancel(i)
+            yield decoder.step()
 
     def stream(
         self,
@@ -175,13 +175,10 @@ class Aligner:
         principles: Sequence[Sequence[str]] | None = None,
         cancelled: list[bool] | None = None,
     ) -> Iterator[list[TextDelta]]:
-        """Decode `prompts` as one batch, yielding the new text of each sequence after every step.
-
-        `principles[i]`, if given, replaces `align.principles` for prompt `i`. Setting `cancelled[i] = True`
-        between steps ends sequence `i` (finish reason "cancelled").
-        """
-        for deltas, _ in self._run(prompts, align, config, system, raw, principles, cancelled):
-            yield deltas
+        """Decode `prompts` as one batch, yielding the new text of each sequence after every step."""
+        prepared = self.prepare_batch(prompts, align, config, system=system, raw=raw, principles=principles)
+        for events in self.decode(prepared, cancelled):
+            yield [TextDelta(e.key, e.text, e.finish_reason) for e in events if e.text or e.finish_reason]
 
     def generate(
         self,
@@ -193,74 +190,30 @@ class Aligner:
         raw: bool = False,
         principles: Sequence[Sequence[str]] | None = None,
     ) -> list[Generation]:
-        """Decode `prompts` as one batch and return one `Generation` per prompt.
-
-        `principles[i]`, if given, replaces `align.principles` for prompt `i`.
-        """
+        """Decode `prompts` as one batch and return one `Generation` per prompt."""
         align = align or AlignConfig(method="base")
+        prepared = self.prepare_batch(prompts, align, config, system=system, raw=raw, principles=principles)
         start = time.perf_counter()
-        _, rows = deque(self._run(prompts, align, config, system, raw, principles), maxlen=1)[0]
+        texts, tokens, reasons = [""] * len(prompts), [[] for _ in prompts], ["length"] * len(prompts)
+        for events in self.decode(prepared):
+            for e in events:
+                texts[e.key] += e.text
+                if e.token is not None:
+                    tokens[e.key].append(e.token)
+                if e.finish_reason:
+                    reasons[e.key] = e.finish_reason
         seconds = time.perf_counter() - start
         return [
             Generation(
                 prompt=p,
                 method=align.method,
-                text=row.text(),
-                new_tokens=len(row.ids),
-                prompt_tokens=row.prompt_tokens,
+                text=texts[i],
+                new_tokens=len(tokens[i]),
+                prompt_tokens=prepared[i].prompt_tokens,
                 seconds=seconds,
-                finish_reason=row.finish_reason or "length",
+                finish_reason=reasons[i],
                 strength=align.strength,
-                token_ids=list(row.ids),
+                token_ids=tokens[i],
             )
-            for p, row in zip(prompts, rows, strict=True)
+            for i, p in enumerate(prompts)
         ]
-
-    def _run(
-        self,
-        prompts: Sequence[Prompt],
-        align: AlignConfig | None,
-        config: DecodeConfig | None,
-        system: str | None,
-        raw: bool,
-        principles: Sequence[Sequence[str]] | None = None,
-        cancelled: list[bool] | None = None,
-    ) -> Iterator[tuple[list[TextDelta], list[_RowText]]]:
-        align = align or AlignConfig(method="base")
-        config = config or DecodeConfig()
-        plan, term_ids = self.prepare(prompts, align, config, system, raw, principles)
-        tokenizer = self.tokenizer
-        stop = StopStringCriteria(tokenizer, config.stop) if config.stop else None
-        rows = [_RowText(tokenizer, config.stop, len(ids)) for ids in term_ids[0]]
-        models = [self.main.model, self.reference.model if self.reference else None]
-        steps = decode(
-            plan,
-            models,
-            term_ids,
-            config,
-            _eos_ids(self.main),
-            tokenizer.pad_token_id,
-            align.plausibility_top_p,
-            stop,
-            cancelled,
-        )
-        for n, step in enumerate(steps, start=1):
-            deltas = []
-            for i, row in enumerate(rows):
-                if row.finish_reason is not None:
-                    continue
-                reason = "stop" if step.finished[i] else ("length" if n == config.max_new_tokens else None)
-                if reason and cancelled is not None and cancelled[i]:
-                    reason = "cancelled"
-                delta = row.push(int(step.tokens[i]), reason)
-                if delta or reason:
-                    deltas.append(TextDelta(i, delta, reason))
-            yield deltas, rows
-
-
-def _eos_ids(loaded: LoadedModel) -> list[int]:
-    configured = loaded.model.generation_config.eos_token_id
-    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
-    if loaded.tokenizer.eos_token_id is not None:
-        ids.add(loaded.tokenizer.eos_token_id)
-    return sorted(ids)

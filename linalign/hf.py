@@ -1,27 +1,37 @@
 """Linear Alignment inside `transformers`' own `generate`, as a `LogitsProcessor`.
 
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from linalign import LinearAlignmentLogitsProcessor
+
     processor = LinearAlignmentLogitsProcessor(model, plain_ids, ratio=2.0)
     model.generate(principled_ids, logits_processor=[processor], do_sample=False)
 
 `generate` decodes the principled context; the processor keeps the plain context in step with its own
 KV cache. This is the integration path; `Aligner` is faster because it fuses both contexts into one
-forward pass.
+forward pass. One processor serves any number of `generate` calls on the same plain prompts (it starts
+over whenever `generate` does); beam search and several returned sequences per prompt are refused.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from transformers import LogitsProcessor, PreTrainedModel
 
-from linalign.combine import apply_mask, linear_combination, plausibility_mask
-from linalign.decode import ContextBatch
+from linalign.backends.transformers import TransformersBackend
+from linalign.config import AlignConfig
 from linalign.errors import LinalignError
+from linalign.step import aligned_scores
+
+# generate applies these to the principled logits before any user processor; the plain ones would miss them.
+_PRE_PROCESSING = ("repetition_penalty", "no_repeat_ngram_size", "encoder_repetition_penalty", "bad_words_ids")
 
 
 class LinearAlignmentLogitsProcessor(LogitsProcessor):
-    """`l_p + ratio (l_p - l_0)` with the plausibility nucleus of `l_p`, inside `model.generate`."""
+    """`l_p + ratio (l_p - l_0)` with the plausibility nucleus of `l_p` (at `temperature`), inside `generate`."""
 
     def __init__(
         self,
@@ -30,28 +40,41 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
         ratio: float = 2.0,
         plausibility_top_p: float = 0.8,
         temperature: float = 1.0,
-        pad_token_id: int = 0,
+        pad_token_id: int | None = None,
     ) -> None:
-        if not ratio >= 0 or ratio == float("inf"):
-            raise LinalignError(f"ratio must be a finite number >= 0, got {ratio!r}")
-        if not 0 <= plausibility_top_p <= 1:
-            raise LinalignError(f"plausibility_top_p must be in [0, 1], got {plausibility_top_p!r}")
-        rows = plain_ids.tolist() if isinstance(plain_ids, torch.Tensor) else [list(r) for r in plain_ids]
-        self.plain = ContextBatch(model, rows, pad_token_id)
-        self.weights = (1.0 + ratio, -ratio)
-        self.top_p = plausibility_top_p
-        self.temperature = temperature
-        self.started = False
+        config = AlignConfig(method="la", principles=["-"], ratio=ratio, plausibility_top_p=plausibility_top_p)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise LinalignError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if not math.isfinite(temperature):
+            raise LinalignError(f"temperature must be a finite number > 0, got {temperature!r}")
+        defaults = model.generation_config
+        for name in _PRE_PROCESSING:
+            value = getattr(defaults, name, None)
+            if value not in (None, 0, 1.0):
+                raise LinalignError(
+                    f"the model's generation_config sets {name}={value!r}, which generate would apply to the "
+                    "principled logits only; unset it or use linalign's Aligner"
+                )
+        self.model = model
+        self.plain = plain_ids.tolist() if isinstance(plain_ids, torch.Tensor) else [list(r) for r in plain_ids]
+        self.weights = (1.0 + config.ratio, -config.ratio)
+        self.top_p = config.plausibility_top_p if config.mask_enabled else None
+        self.temperature = float(temperature)
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (defaults.pad_token_id or 0)
+        self._backend: TransformersBackend | None = None
+        self._length = -1
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.started:
-            plain_logits = self.plain.step(input_ids[:, -1].to(self.plain.model.device))
+        if input_ids.shape[0] != len(self.plain):
+            raise LinalignError(
+                f"generate decodes {input_ids.shape[0]} rows but the processor has {len(self.plain)} plain "
+                "prompts; beam search and num_return_sequences > 1 are not supported"
+            )
+        if self._backend is None or input_ids.shape[1] != self._length + 1:  # a new generate call
+            self._backend = TransformersBackend(self.model, self.pad_token_id)
+            plain_logits = self._backend.add(self.plain)
         else:
-            plain_logits = self.plain.prefill()
-            self.started = True
-        principled = scores.float()
-        combined = linear_combination([principled, plain_logits.to(scores.device)], self.weights)
-        if 0 < self.top_p < 1:
-            mask = plausibility_mask(principled, self.top_p, self.temperature)
-            combined = apply_mask(combined, mask, fallback=principled)
-        return combined
+            plain_logits = self._backend.step(input_ids[:, -1])
+        self._length = input_ids.shape[1]
+        terms = [scores.float(), plain_logits.to(scores.device)]
+        return aligned_scores(terms, self.weights, anchor=0, top_p=self.top_p, temperature=self.temperature)

@@ -1,22 +1,15 @@
 """Every method as one configuration of the same thing: weighted (model, context) terms.
 
-A `Plan` lists the terms whose next-token logits are combined, which term's distribution gives the
-plausibility mask (Linear Alignment), and how the terms are combined.
+A `Plan` lists the terms whose next-token logits are combined as `sum_k w_k l_k`, which term is the
+sequence's own context (its `anchor`: the principled one where there is one) and the plausibility nucleus
+kept from the anchor's distribution (Linear Alignment's mask; `None`: no mask).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
-import torch
-
-from linalign.amulet import amulet_weights
-from linalign.combine import linear_combination
 from linalign.config import AlignConfig
-
-Combiner = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -32,25 +25,31 @@ class Term:
 @dataclass(frozen=True)
 class Plan:
     terms: tuple[Term, ...]
-    anchor: int | None  # index of the term whose nucleus masks the choice; None: no mask
-    combine: Combiner
+    # The term whose context is the sequence's own: logits processors read its tokens as the history, and
+    # its distribution gives the plausibility mask and the fallback when the mask leaves nothing.
+    anchor: int = 0
+    mask_top_p: float | None = None
 
     @property
     def models(self) -> tuple[int, ...]:
         return tuple(sorted({t.model for t in self.terms}))
 
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(t.weight for t in self.terms)
 
-def linear_plan(terms: list[Term], anchor: int | None) -> Plan:
-    weights = [t.weight for t in terms]
-    return Plan(tuple(terms), anchor, partial(linear_combination, weights=weights))
+    @property
+    def plain(self) -> int | None:
+        """The term without any principle, if the plan contrasts against one."""
+        return next((k for k, t in enumerate(self.terms) if t.principle is None and len(self.terms) > 1), None)
 
 
 def _la_terms(config: AlignConfig) -> tuple[list[Term], int]:
     principles = [p for p in config.principles if p.strip()]
-    weights = config.weights if config.weights is not None else [1.0 + config.ratio] * len(principles)
+    weights = config.resolved_weights()
     principled = [Term(0, p, w) for p, w in zip(principles, weights, strict=True) if w != 0]
     plain = Term(0, None, 1.0 - sum(t.weight for t in principled))
-    # The mask comes from the first principle pulled towards; with none, from the plain context.
+    # The anchor is the first principle pulled towards; with none, the plain context.
     positive = [i for i, t in enumerate(principled) if t.weight > 0]
     if plain.weight == 0 and principled:
         return principled, positive[0] if positive else 0
@@ -63,14 +62,15 @@ def make_plan(config: AlignConfig) -> Plan:
     # Plain prompting (and DeRa's shared context) puts every principle in the one system message.
     principle = "\n\n".join(p for p in config.principles if p.strip()) or None
     if config.method == "base":
-        return linear_plan([Term(0, None, 1.0)], None)
+        return Plan((Term(0, None, 1.0),))
     if config.method == "prompt":
-        return linear_plan([Term(0, principle, 1.0)], None)
+        return Plan((Term(0, principle, 1.0),))
     if config.method == "dera":
         terms = [Term(0, principle, config.lam), Term(1, principle, 1.0 - config.lam)]
-        return linear_plan([t for t in terms if t.weight != 0] or terms[:1], None)
+        return Plan(tuple(t for t in terms if t.weight != 0) or (terms[0],))
     if config.method == "amulet":
-        a, b = amulet_weights(config.amulet_iterations, config.amulet_eta, config.amulet_alpha, config.amulet_lambda)
-        return linear_plan([t for t in (Term(0, principle, a), Term(0, None, b)) if t.weight != 0], None)
+        a, b = config.amulet_coefficients
+        terms = [t for t in (Term(0, principle, a), Term(0, None, b)) if t.weight != 0]
+        return Plan(tuple(terms))
     terms, anchor = _la_terms(config)
-    return linear_plan(terms, anchor if config.mask_enabled else None)
+    return Plan(tuple(terms), anchor, config.plausibility_top_p if config.mask_enabled else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from linalign.backends import Backend
+from linalign.backends.transformers import TransformersBackend
 from linalign.errors import LinalignError
 
 DEFAULT_MODEL = "smollm2"
@@ -37,6 +40,23 @@ class LoadedModel:
     @property
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every id that ends a sequence: the generation config's and the tokenizer's."""
+        configured = self.model.generation_config.eos_token_id
+        ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+    def open(self, capacity: int | None = None) -> Backend:
+        """A fresh, empty set of rows over these weights (`capacity`: a hint of the KV cells needed)."""
+        return TransformersBackend(self.model, self.tokenizer.pad_token_id)
 
 
 def builtin_gguf() -> Path:
@@ -88,6 +108,10 @@ def _dequantised(gguf: Path) -> Path:
     return target
 
 
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(("/", os.sep)) or spec.count("/") > 1 or "\\" in spec
+
+
 def resolve(spec: str | None) -> Path | str:
     """Map a user's model argument to a directory, a GGUF file or a hub id."""
     if spec in (None, "", DEFAULT_MODEL, "default"):
@@ -98,12 +122,26 @@ def resolve(spec: str | None) -> Path | str:
             raise LinalignError(f"model file {spec!r} does not exist")
         return path
     if path.exists():
-        if not (path / "config.json").exists():
-            raise LinalignError(f"{spec!r} is a directory but holds no Hugging Face model (no config.json)")
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise LinalignError(f"{spec!r} is not a directory holding a Hugging Face model (no config.json)")
         return path
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise LinalignError(f"model path {spec!r} does not exist")
+    if _looks_like_path(spec):
+        raise LinalignError(f"no such directory: {spec!r}")
     return spec  # a hub id
+
+
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether the Hugging Face hub answers; without it, hub ids load from the local cache only, at once,
+    instead of retrying for a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def load_model(spec: str | None = None, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
@@ -117,10 +155,18 @@ def load_model(spec: str | None = None, *, dtype: str = "float32", device: str =
     if isinstance(source, Path) and source.suffix == ".gguf":
         source = _dequantised(source)
     placement = {"device_map": "auto"} if device == "auto" else {}
+    offline = isinstance(source, str) and not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], **placement)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=_DTYPES[dtype], local_files_only=offline, **placement
+        )
     except (OSError, ValueError, KeyError) as err:
+        if offline:
+            raise LinalignError(
+                f"could not load model {spec!r}: it is not a local path, the Hugging Face hub is not reachable "
+                "and it is not in the local cache"
+            ) from err
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LinalignError(f"could not load model {spec!r}: {first_line}") from err
     if device != "auto":

@@ -22,7 +22,8 @@ PrincipleOpt = Annotated[
     list[str] | None, typer.Option("--principle", "-p", help="The preference to follow; repeat for several.")
 ]
 WeightOpt = Annotated[
-    list[float] | None, typer.Option("--weight", help="One weight per --principle (default 1+ratio).")
+    list[float] | None,
+    typer.Option("--weight", help="One weight per --principle, scaling the ratio: c = w (1 + ratio); default 1."),
 ]
 RatioOpt = Annotated[float, typer.Option(help="Linear Alignment step size r in l_p + r (l_p - l_0).")]
 LamOpt = Annotated[float, typer.Option("--lam", help="DeRa weight of the aligned model (1 - lam on the reference).")]
@@ -34,12 +35,11 @@ MaskOpt = Annotated[float, typer.Option(help="Nucleus of the principled distribu
 MaxNewOpt = Annotated[int, typer.Option(help="Tokens to generate at most.")]
 SystemOpt = Annotated[str | None, typer.Option(help="A base system prompt kept in every context.")]
 RawOpt = Annotated[bool, typer.Option("--raw", help="Plain text prompts, no chat template (base models).")]
-GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Greedy decoding even if sampling options are given.")]
-TemperatureOpt = Annotated[float | None, typer.Option(help="Sampling temperature (implies sampling).")]
-TopPOpt = Annotated[float | None, typer.Option(help="Sampling nucleus (implies sampling).")]
-TopKOpt = Annotated[int | None, typer.Option(help="Sampling top-k (implies sampling).")]
-SeedOpt = Annotated[int | None, typer.Option(help="Random seed (implies sampling).")]
-StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop string; repeatable.")]
+TemperatureOpt = Annotated[float | None, typer.Option(help="Sample at this temperature (> 0); greedy without it.")]
+TopPOpt = Annotated[float | None, typer.Option(help="Sampling nucleus (with --temperature).")]
+TopKOpt = Annotated[int | None, typer.Option(help="Sampling top-k (with --temperature).")]
+SeedOpt = Annotated[int | None, typer.Option(help="Sampling seed; prompt i gets seed + i (with --temperature).")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help=r"Stop string, C escapes read (\n); repeatable.")]
 RepetitionOpt = Annotated[float, typer.Option(help="transformers' repetition penalty on the combined logits.")]
 
 

@@ -8,6 +8,7 @@ template (base models) get plain text.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
@@ -20,20 +21,13 @@ _ROLES = ("system", "user", "assistant")
 
 
 def to_conversation(prompt: str | Conversation) -> Conversation:
-    """Accept a plain question, a JSON list of messages, or an already parsed message list."""
+    """A question (a string, taken as it is: never parsed) or a list of `{role, content}` messages."""
     if isinstance(prompt, str):
-        text = prompt.strip()
-        if text.startswith("[") and text.endswith("]"):
-            try:
-                prompt = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise LinalignError(f"prompt looks like a JSON message list but is not valid JSON: {err}") from err
-        else:
-            if not text:
-                raise LinalignError("prompt is empty")
-            return [{"role": "user", "content": prompt}]
+        if not prompt.strip():
+            raise LinalignError("prompt is empty")
+        return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
-        raise LinalignError("a message list must be a non-empty JSON array of {role, content} objects")
+        raise LinalignError("a conversation must be a non-empty list of {role, content} messages")
     for i, message in enumerate(prompt):
         if (
             not isinstance(message, dict)
@@ -46,6 +40,26 @@ def to_conversation(prompt: str | Conversation) -> Conversation:
     if not any(m["role"] == "user" and m["content"].strip() for m in prompt):
         raise LinalignError("the conversation has no non-empty user message")
     return [dict(m) for m in prompt]
+
+
+def parse_conversations(lines: Iterable[str], source: str) -> list[Conversation]:
+    """Conversations from JSON lines: each line a list of messages or an object with a `messages` list."""
+    conversations = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LinalignError(f"{source} line {number} is not valid JSON: {err}") from None
+        messages = value.get("messages") if isinstance(value, dict) else value
+        try:
+            conversations.append(to_conversation(messages if isinstance(messages, list) else None))
+        except LinalignError as err:
+            raise LinalignError(f"{source} line {number}: {err}") from None
+    if not conversations:
+        raise LinalignError(f"{source} holds no conversation")
+    return conversations
 
 
 def _join(*parts: str | None) -> str:

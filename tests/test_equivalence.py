@@ -99,7 +99,7 @@ def test_sampled_la_equals_authors_reference_sampling(tiny_aligner, tiny, temper
     plain = build_ids(tiny.tokenizer, question)
     generator = torch.Generator().manual_seed(11)
     expected = authors_reference(tiny, principled, plain, 2.0, 0.8, 20, temperature=temperature, generator=generator)
-    config = DecodeConfig(max_new_tokens=20, do_sample=True, temperature=temperature, seed=11)
+    config = DecodeConfig(max_new_tokens=20, temperature=temperature, seed=11)
     got = tiny_aligner.generate([question], AlignConfig(method="la", principles=[PRINCIPLE]), config)[0].token_ids
     assert got == expected
 
@@ -149,11 +149,26 @@ def test_streaming_reassembles_generate_text(tiny_aligner):
 def test_sampling_with_seed_is_reproducible(tiny_aligner):
     align = AlignConfig(method="la", principles=[PRINCIPLE])
     runs = [
-        tiny_aligner.generate(QUESTIONS, align, DecodeConfig(max_new_tokens=12, do_sample=True, seed=s))
+        tiny_aligner.generate(QUESTIONS, align, DecodeConfig(max_new_tokens=12, temperature=1.0, seed=s))
         for s in (7, 7, 8)
     ]
     assert [g.text for g in runs[0]] == [g.text for g in runs[1]]
     assert [g.text for g in runs[0]] != [g.text for g in runs[2]]
+
+
+def test_a_seeded_sample_does_not_depend_on_its_companions(tiny_aligner):
+    """Prompt i samples with seed + i from its own generator: alone, or beside others that finish early."""
+    align = AlignConfig(method="la", principles=[PRINCIPLE])
+
+    def sample(prompts, seed, n=12):
+        config = DecodeConfig(max_new_tokens=n, temperature=1.0, seed=seed)
+        return [g.token_ids for g in tiny_aligner.generate(prompts, align, config)]
+
+    batch = sample(QUESTIONS, 7)
+    assert batch[0] == sample(QUESTIONS[:1], 7)[0]
+    assert batch[1] == sample(QUESTIONS[1:2], 8)[0]
+    assert batch[2] == sample([QUESTIONS[1], QUESTIONS[2]], 8)[1]
+    assert len({tuple(ids) for ids in batch}) == 3
 
 
 SECOND = "The user is a five-year-old child."
@@ -166,14 +181,17 @@ def test_several_principles_equal_reference_loop(tiny_aligner, tiny, weights):
     contexts.append(build_ids(tiny.tokenizer, question))
     anchor = next(i for i, w in enumerate(weights) if w > 0)
     expected = reference_loop(tiny, contexts, [*weights, 1 - sum(weights)], anchor, 0.8, 16)
-    align = AlignConfig(method="la", principles=[PRINCIPLE, SECOND], weights=list(weights))
+    align = AlignConfig(method="la", principles=[PRINCIPLE, SECOND], weights=list(weights), ratio=0.0)
     assert engine_ids(tiny_aligner, [question], align, 16)[0] == expected
 
 
-def test_one_weighted_principle_equals_ratio(tiny_aligner):
+@pytest.mark.parametrize("weight,ratio", [(2.5, 0.0), (1.0, 1.5), (0.5, 4.0)])
+def test_weights_scale_the_ratio(tiny_aligner, weight, ratio):
+    """A principle's coefficient is c = w (1 + r): weight 2.5 at r = 0, 1 at 1.5 and 0.5 at 4 all decode as r = 1.5."""
     by_ratio = AlignConfig(method="la", principles=[PRINCIPLE], ratio=1.5)
-    by_weight = AlignConfig(method="la", principles=[PRINCIPLE], weights=[2.5])
+    by_weight = AlignConfig(method="la", principles=[PRINCIPLE], weights=[weight], ratio=ratio)
     assert engine_ids(tiny_aligner, QUESTIONS, by_ratio, 16) == engine_ids(tiny_aligner, QUESTIONS, by_weight, 16)
+    assert by_weight.label == f"la ratio={ratio:g} weights={weight:g}"
 
 
 def test_zero_weight_principle_equals_run_without_it(tiny_aligner):
@@ -186,7 +204,7 @@ def test_negative_principle_pushes_away(tiny_aligner, tiny):
     question = QUESTIONS[0]
     contexts = [build_ids(tiny.tokenizer, question, PRINCIPLE), build_ids(tiny.tokenizer, question)]
     expected = reference_loop(tiny, contexts, [-2.0, 3.0], 1, 0.8, 16)
-    align = AlignConfig(method="la", principles=[PRINCIPLE], weights=[-2.0])
+    align = AlignConfig(method="la", principles=[PRINCIPLE], weights=[-2.0], ratio=0.0)
     assert engine_ids(tiny_aligner, [question], align, 16)[0] == expected
 
 
@@ -204,11 +222,25 @@ def test_per_prompt_principles_equal_separate_runs(tiny_aligner, method):
     assert batched == single
 
 
-def test_per_prompt_principles_must_share_a_shape(tiny_aligner):
-    from linalign import LinalignError
-
-    with pytest.raises(LinalignError, match="same number of principles"):
-        tiny_aligner.generate(QUESTIONS[:2], AlignConfig(method="la", principles=["x"]), principles=[["a"], ["a", "b"]])
+def test_rows_with_different_numbers_of_contexts_share_a_batch(tiny_aligner):
+    """One, two and three contexts per row in one batch, rows finishing at different steps: each row decodes
+    as it would alone."""
+    configs = [
+        AlignConfig(method="prompt", principles=[PRINCIPLE]),
+        AlignConfig(method="la", principles=[PRINCIPLE], ratio=2.0),
+        AlignConfig(method="la", principles=[PRINCIPLE, SECOND], weights=[1.0, -0.5], ratio=1.0),
+    ]
+    lengths = [3, 12, 7]
+    prepared = [
+        tiny_aligner.prepare(q, a, DecodeConfig(max_new_tokens=n))
+        for q, a, n in zip(QUESTIONS, configs, lengths, strict=True)
+    ]
+    batched: dict[int, list[int]] = {i: [] for i in range(3)}
+    for events in tiny_aligner.decode(prepared):
+        for e in events:
+            batched[e.key].append(e.token)
+    for i, (q, a, n) in enumerate(zip(QUESTIONS, configs, lengths, strict=True)):
+        assert batched[i] == engine_ids(tiny_aligner, [q], a, n)[0]
 
 
 def amulet_reference(loaded, principled, plain, iterations, eta, alpha, lam, n):

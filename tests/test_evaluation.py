@@ -198,12 +198,12 @@ def test_runner_combines_extra_principles_in_linear_alignment(tiny, tmp_path):
         extra_weights=[-1.0],
     )
     records = run_eval(aligner, _tasks()[:2], settings, tmp_path, show_progress=False, fluency=False)
-    assert {r["run"] for r in records} == {"prompt", "la ratio=1 extra-weights=-1"}
+    assert {r["run"] for r in records} == {"prompt", "la ratio=1 weights=1,-1"}
     from linalign import AlignConfig, DecodeConfig
 
     direct = aligner.generate(
         [t.prompt for t in _tasks()[:2]],
-        AlignConfig(method="la", principles=[_tasks()[0].principle, extra], weights=[2.0, -1.0]),
+        AlignConfig(method="la", principles=[_tasks()[0].principle, extra], weights=[1.0, -1.0], ratio=1.0),
         DecodeConfig(max_new_tokens=5),
     )
     assert [r["text"] for r in records if r["method"] == "la"] == [g.text for g in direct]

@@ -1,61 +1,122 @@
-"""The transposed small-batch product: same numbers as `F.linear`, same tokens, the model left as it was."""
+"""The transposed few-row product: the numbers of `x @ W.T + b`, only where asked, only on the calling thread."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from linalign import AlignConfig, Aligner, DecodeConfig, kernels
-from linalign.kernels import MAX_ROWS, TransposedLinears
+from linalign import AlignConfig, Aligner, DecodeConfig, LinalignError, kernels
+from linalign.kernels import MAX_ROWS, TransposedLinears, uses_transposed
 
 
 @pytest.fixture
-def forced(monkeypatch):
-    """Use the transposed form whatever this CPU's measurement says, or never."""
+def counted(monkeypatch) -> dict[int, int]:
+    """Calls of the transposed form, by thread id."""
+    calls: dict[int, int] = {}
+    original = kernels.transposed_linear
 
-    def force(on: bool) -> None:
-        monkeypatch.setattr(kernels, "transposed_is_faster", lambda dtype: on)
+    def counting(*args, **kwargs):
+        ident = threading.get_ident()
+        calls[ident] = calls.get(ident, 0) + 1
+        return original(*args, **kwargs)
 
-    return force
+    monkeypatch.setattr(kernels, "transposed_linear", counting)
+    return calls
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 48), (2, 1, 48), (8, 1, 48), (MAX_ROWS, 48), (MAX_ROWS + 1, 48)])
+@pytest.mark.parametrize("shape", [(1, 48), (2, 48), (3, 1, 48), (8, 1, 48), (MAX_ROWS, 48), (2, 5, 48)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_transposed_forward_equals_linear(shape, bias):
+def test_transposed_linear_equals_the_product(shape, bias):
     torch.manual_seed(0)
-    layer = nn.Linear(48, 80, bias=bias)
-    x = torch.randn(*shape)
-    got = kernels._transposed_forward(layer, x)
+    weight, x = torch.randn(80, 48), torch.randn(*shape)
+    b = torch.randn(80) if bias else None
+    expected = x.double() @ weight.double().T + (b.double() if bias else 0)
+    got = kernels.transposed_linear(x, weight, b)
     assert got.shape == (*shape[:-1], 80)
-    torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_layers_are_restored_and_hooked_ones_left_alone(forced):
-    forced(True)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    hooked = model[1]
-    hooked.forward = lambda x: x  # as accelerate's offloading replaces it
-    linears = TransposedLinears(model)
-    assert linears.linears == [model[0]]
-    with linears.active():
-        assert "forward" in vars(model[0])
-    assert "forward" not in vars(model[0]) and "forward" in vars(hooked)
+def test_only_few_row_products_are_routed(counted):
+    weight = torch.randn(16, 8)
+    with TransposedLinears():
+        for rows in (1, 2, MAX_ROWS, MAX_ROWS + 1):
+            out = F.linear(torch.randn(rows, 8), weight)
+            assert out.shape == (rows, 16)
+    assert counted == {threading.get_ident(): 2}  # 2 and MAX_ROWS rows; 1 and MAX_ROWS + 1 keep torch's form
 
 
-def test_not_used_where_it_is_not_faster(forced):
-    forced(False)
-    assert TransposedLinears(nn.Linear(8, 8)).linears == []
+def test_the_mode_is_scoped_to_its_thread_and_nests(counted):
+    weight, x = torch.randn(16, 8), torch.randn(2, 8)
+    inside, other = threading.Event(), threading.Event()
+
+    def elsewhere() -> None:
+        inside.wait(5)
+        F.linear(x, weight)  # another thread, while the first is inside the mode
+        other.set()
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    with TransposedLinears():
+        with TransposedLinears():  # nested use
+            F.linear(x, weight)
+        inside.set()
+        other.wait(5)
+        F.linear(x, weight)
+    thread.join()
+    F.linear(x, weight)  # outside again
+    assert counted == {threading.get_ident(): 2}
+
+
+def test_the_choice_can_be_pinned(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("LINALIGN_KERNEL", "torch")
+    assert not uses_transposed(cpu, torch.float32)
+    monkeypatch.setenv("LINALIGN_KERNEL", "transposed")
+    assert uses_transposed(cpu, torch.float32) and kernels.describe(cpu, torch.float32) == "transposed"
+    assert not uses_transposed(torch.device("cuda"), torch.float32)
+    monkeypatch.setenv("LINALIGN_KERNEL", "fast")
+    with pytest.raises(LinalignError, match="LINALIGN_KERNEL must be one of auto, transposed, torch"):
+        uses_transposed(cpu, torch.float32)
 
 
 @pytest.mark.parametrize("method", ["la", "dera"])
-def test_engine_tokens_are_the_same_with_either_form(tiny, tiny_other, forced, method):
+def test_engine_tokens_are_the_same_with_either_form(tiny, tiny_other, monkeypatch, counted, method):
     prompts = ["What is the capital of France?", "Name three animals that live in the sea, please."]
     align = AlignConfig(method=method, principles=["Answer in lowercase letters only."], lam=0.5)
     runs = []
-    for on in (True, False):
-        forced(on)
+    for kernel in ("transposed", "torch"):
+        monkeypatch.setenv("LINALIGN_KERNEL", kernel)
         aligner = Aligner(tiny, reference=tiny_other)
         runs.append([g.token_ids for g in aligner.generate(prompts, align, DecodeConfig(max_new_tokens=16))])
+    assert counted  # the first run did take the transposed form
     assert runs[0] == runs[1]
+
+
+def test_two_threads_decoding_one_aligner(tiny, monkeypatch):
+    """Concurrent calls on one Aligner (and one model) give the single-threaded outputs."""
+    monkeypatch.setenv("LINALIGN_KERNEL", "transposed")
+    aligner = Aligner(tiny)
+    align = AlignConfig(method="la", principles=["Answer in lowercase letters only."])
+    prompts = [["What is the capital of France?", "Say hi."], ["Name three animals.", "Why is the sky blue?"]]
+    config = DecodeConfig(max_new_tokens=24)
+    alone = [[g.token_ids for g in aligner.generate(p, align, config)] for p in prompts]
+    together: list = [None, None]
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(3):
+                together[i] = [g.token_ids for g in aligner.generate(prompts[i], align, config)]
+        except BaseException as err:  # reported below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert together == alone

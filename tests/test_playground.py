@@ -328,7 +328,6 @@ def test_api_key_is_sent_stored_and_a_wrong_one_shows_the_401(driver, keyed_url)
     driver.execute_script("localStorage.clear()")
 
 
-@pytest.mark.xfail(strict=True, reason="the server does not send logprobs/top_logprobs in its stream yet")
 def test_clicking_a_token_shows_its_candidates_in_three_distributions(driver, tiny_url):
     open_page(driver, tiny_url)
     fill(driver, max_tokens=6)

@@ -46,10 +46,12 @@ def test_raw_mode_and_tokenizers_without_template(smollm2):
 
 def test_multi_turn_conversation_keeps_its_own_system_message(smollm2):
     tok = smollm2.tokenizer
-    conversation = (
-        '[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hello"},'
-        ' {"role": "assistant", "content": "Arr."}, {"role": "user", "content": "Where is the gold?"}]'
-    )
+    conversation = [
+        {"role": "system", "content": "You are a pirate."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Arr."},
+        {"role": "user", "content": "Where is the gold?"},
+    ]
     messages = to_conversation(conversation)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     merged = with_system(messages, None, "Be brief.")
@@ -58,7 +60,7 @@ def test_multi_turn_conversation_keeps_its_own_system_message(smollm2):
     assert rendered.count("<|im_start|>system") == 1 and "Arr." in rendered and "Where is the gold?" in rendered
 
 
-@pytest.mark.parametrize("bad", ['[{"role": "user"}]', "[]", '[{"role": "assistant", "content": "x"}]'])
+@pytest.mark.parametrize("bad", [[{"role": "user"}], [], [{"role": "assistant", "content": "x"}], "  "])
 def test_bad_conversations(bad):
     from linalign import LinalignError
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from linalign.backends.transformers import left_padded
 from linalign.models import LoadedModel
 
 _WORD = re.compile(r"\w+(?:'\w+)?")
@@ -48,18 +49,10 @@ def perplexities(
     device, pad = loaded.device, loaded.tokenizer.pad_token_id
     for start in range(0, len(contexts), batch_size):
         pairs = list(zip(contexts[start : start + batch_size], outputs[start : start + batch_size], strict=True))
-        width = max(len(c) + len(o) for c, o in pairs)
-        ids = torch.full((len(pairs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (c, o) in enumerate(pairs):
-            row = list(c) + list(o)
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = loaded.model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
-        ).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        ids, mask, positions = left_padded([list(c) + list(o) for c, o in pairs], pad, device)
+        width = ids.shape[1]
+        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
         for i, (_, o) in enumerate(pairs):
             if not o:
                 results.append(None)

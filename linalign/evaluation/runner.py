@@ -20,6 +20,7 @@ from linalign.evaluation.judges import RewardModel
 from linalign.evaluation.metrics import distinct_n, perplexities, repeated_ngram_rate
 from linalign.evaluation.suites import Task
 from linalign.prompts import build_ids
+from linalign.resolve import decode_config, parse_methods
 
 RECORDS = "generations.jsonl"
 SETTINGS = "settings.json"
@@ -43,15 +44,18 @@ class EvalSettings:
     extra_principles: list[str] = field(default_factory=list)
     extra_weights: list[float] = field(default_factory=list)
 
+    # Which matrix-product form decode steps used (linalign.kernels): floats differ between the two.
+    kernel: str = "torch"
+
     def runs(self) -> list[AlignConfig]:
         """One AlignConfig per (method, strength) of the sweep; principles come per task."""
         configs = []
-        for method in self.methods:
+        for method in parse_methods(self.methods):
             strengths = self.ratios if method == "la" else self.lams if method == "dera" else [None]
             for s in strengths:
                 knob = {"lam": s} if method == "dera" else {"ratio": s} if s is not None else {}
                 if method == "la" and self.extra_principles:
-                    knob["weights"] = [1.0 + s, *self.extra_weights]
+                    knob["weights"] = [1.0, *self.extra_weights]
                 # Each task brings its own principle; these placeholders only satisfy validation.
                 placeholders = ["-"] * (1 + len(self.extra_principles) * (method == "la"))
                 configs.append(
@@ -62,13 +66,7 @@ class EvalSettings:
         return configs
 
     def decode(self) -> DecodeConfig:
-        sampling = self.temperature is not None
-        return DecodeConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=sampling,
-            temperature=self.temperature or 1.0,
-            seed=self.seed,
-        )
+        return decode_config(self.max_new_tokens, temperature=self.temperature, seed=self.seed)
 
 
 def read_records(path: Path) -> list[dict]:

@@ -12,27 +12,30 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from linalign.config import AlignConfig, DecodeConfig
+from linalign.config import MAX_SEED, AlignConfig, DecodeConfig
+from linalign.decode import TopLogprobs
 from linalign.engine import Aligner
 from linalign.errors import LinalignError
 from linalign.prompts import Conversation, to_conversation
-from linalign.serve.batcher import Batcher, Completion, DecodingFailed, Job
+from linalign.resolve import decode_config
+from linalign.serve.batcher import Batcher, Completion, DecodingFailed, Job, QueueFull, RequestTimedOut
+from linalign.serve.metrics import ServerMetrics
+from linalign.serve.playground import mount_playground
 from linalign.serve.schemas import ChatCompletionRequest
 
 DEFAULT_MAX_TOKENS = 256
@@ -76,15 +79,14 @@ def _align(
 
 
 def _decode(body: ChatCompletionRequest, max_new_tokens: int) -> DecodeConfig:
-    sampling = bool(body.temperature)  # temperature 0 (or none) asks for greedy decoding
     with _invalid(None):
-        return DecodeConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            temperature=body.temperature if sampling else 1.0,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            seed=body.seed if sampling else None,  # a seed means nothing to greedy decoding; don't split batches
-            stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        return decode_config(
+            max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=[body.stop] if isinstance(body.stop, str) else body.stop,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
 
 
@@ -114,8 +116,9 @@ def build_job(
     system_as_principle: bool,
     ratio: float,
     max_batch: int,
-) -> tuple[Job, int]:
-    """Validate a request completely (the engine's own checks included) and return its job and prompt size."""
+    timeout: float | None = None,
+) -> Job:
+    """Validate a request completely (the engine's own checks included) and prepare every copy of it."""
     with _invalid("messages"):
         messages = to_conversation([m.as_dict() for m in body.messages])
     align, messages = _align(body, messages, system_as_principle, ratio)
@@ -123,20 +126,23 @@ def build_job(
         raise APIError(
             400, "method 'dera' needs a reference model: start the server with --ref-model", "linalign.method"
         )
-    if body.n > 1 and not body.temperature:
+    probe = _decode(body, 1)
+    if body.n > 1 and not probe.do_sample:
         raise APIError(400, "n > 1 needs temperature > 0: greedy copies would all be the same", "n")
     if body.n > max_batch:
         raise APIError(400, f"n must be at most {max_batch}, the server's batch size", "n")
-    probe = _decode(body, 1)
     with _invalid("messages"):  # a prompt too long for the context
-        _, term_ids = aligner.prepare([messages], align, probe, None, False, [align.principles])
-    longest = max(len(ids[0]) for ids in term_ids)  # the principled context is longer than the plain one
+        prepared = aligner.prepare(messages, align, probe)
+    longest = max(len(ids) for ids in prepared.term_ids)
     requested = body.max_completion_tokens or body.max_tokens
     config = replace(probe, max_new_tokens=_max_tokens(aligner, longest, requested))
-    return Job(messages, align, config, loop, n=body.n), len(term_ids[0][0])
+    seeds = [None if config.seed is None else (config.seed + c) % MAX_SEED for c in range(body.n)]
+    return Job([replace(prepared, config=config, seed=seed) for seed in seeds], loop, timeout=timeout)
 
 
-def _decoding_failed(err: DecodingFailed) -> APIError:
+def _job_error(err: Exception) -> APIError:
+    if isinstance(err, RequestTimedOut):
+        return APIError(504, f"{err} (--request-timeout)", code="timeout")
     return APIError(500, f"decoding failed: {err} (the server's log has the traceback)")
 
 
@@ -148,6 +154,27 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _candidates(tokenizer, top: list[tuple[int, float]]) -> list[dict]:
+    return [_token_entry(tokenizer, token, logprob) for token, logprob in top]
+
+
+def _token_entry(tokenizer, token: int, logprob: float) -> dict:
+    text = tokenizer.decode([token])
+    # Masked tokens have -inf, which JSON cannot carry: OpenAI's floor for "impossible" instead.
+    return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+
+
+def _logprobs_content(tokenizer, token: int, lp: TopLogprobs) -> dict:
+    """OpenAI's per-token logprobs entry, with linalign's principled and plain candidates beside it."""
+    entry = _token_entry(tokenizer, token, lp.logprob) | {"top_logprobs": _candidates(tokenizer, lp.aligned)}
+    if lp.principled is not None:
+        entry["linalign"] = {
+            "principled": _candidates(tokenizer, lp.principled),
+            "plain": _candidates(tokenizer, lp.plain or []),
+        }
+    return entry
+
+
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     # The body is read already, so the next message can only be the client hanging up.
     while (await request.receive())["type"] != "http.disconnect":
@@ -155,7 +182,7 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     job.cancel()
 
 
-async def _sse(job: Job, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(job: Job, head: dict, tokenizer, include_usage: bool) -> AsyncIterator[bytes]:
     def event(choices: list[dict], **extra) -> bytes:
         return format_sse_event(data_str=json.dumps(head | {"choices": choices} | extra))
 
@@ -167,27 +194,43 @@ async def _sse(job: Job, head: dict, prompt_tokens: int, include_usage: bool) ->
         async for chunks in job.events():
             for c in chunks:
                 tokens[c.copy] = c.tokens
-                delta = {"content": c.text} if c.text else {}
-                yield event([{"index": c.copy, "delta": delta, "finish_reason": c.finish_reason}])
+                choice = {"index": c.copy, "delta": {"content": c.text} if c.text else {}}
+                if c.logprobs is not None and c.token is not None:
+                    choice["logprobs"] = {"content": [_logprobs_content(tokenizer, c.token, c.logprobs)]}
+                yield event([choice | {"finish_reason": c.finish_reason}])
         if include_usage:
-            yield event([], usage=_usage(prompt_tokens, sum(tokens)))
-    except DecodingFailed as err:
+            yield event([], usage=_usage(job.prompt_tokens, sum(tokens)))
+    except (DecodingFailed, RequestTimedOut) as err:
         # The status line is long gone; OpenAI's clients raise on an event that carries an error object.
-        yield format_sse_event(data_str=json.dumps({"error": _decoding_failed(err).body()}))
+        yield format_sse_event(data_str=json.dumps({"error": _job_error(err).body()}))
     yield format_sse_event(data_str="[DONE]")
 
 
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
+class _RequireKey:
+    """Check the API key before anything reads the body: a client without the key learns nothing else.
+    `/health` and the playground's page stay open; the API, its docs and the metrics need the key."""
 
+    OPEN = ("/health",)
+    GUARDED = ("/v1", "/docs", "/redoc", "/openapi.json", "/metrics")
 
-def _bearer(api_key: str) -> Callable:
-    def check(credentials: Credentials) -> None:
-        if credentials is None:
-            raise APIError(401, "no API key given: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not secrets.compare_digest(credentials.credentials.encode(), api_key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key")
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.api_key = app, api_key.encode()
 
-    return check
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path.startswith(self.GUARDED):
+            problem = self._problem(Headers(scope=scope).get("authorization", ""))
+            if problem is not None:
+                return await problem.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _problem(self, header: str) -> APIError | None:
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            return APIError(401, "no API key given: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not secrets.compare_digest(key.strip().encode(), self.api_key):
+            return APIError(401, "incorrect API key", code="invalid_api_key")
+        return None
 
 
 def _body_too_large(max_body_bytes: int) -> APIError:
@@ -245,7 +288,11 @@ def _install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
 
     @app.exception_handler(DecodingFailed)
     async def decoding_failed(request: Request, err: DecodingFailed) -> JSONResponse:
-        return _decoding_failed(err).response()
+        return _job_error(err).response()
+
+    @app.exception_handler(RequestTimedOut)
+    async def timed_out(request: Request, err: RequestTimedOut) -> JSONResponse:
+        return _job_error(err).response()
 
 
 def create_app(
@@ -258,32 +305,45 @@ def create_app(
     batch_window: float = 0.02,
     max_body_bytes: int = 1 << 20,
     model_name: str | None = None,
+    max_queue: int = 256,
+    request_timeout: float | None = None,
+    shutdown_grace: float = 10.0,
 ) -> FastAPI:
     """The app serving `aligner`; `app.state.batcher` is its worker, started and stopped with the app."""
-    if max_batch < 1:
-        raise LinalignError(f"max_batch must be >= 1, got {max_batch}")
-    if max_body_bytes < 1:
-        raise LinalignError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    for name, value in (("max_batch", max_batch), ("max_body_bytes", max_body_bytes), ("max_queue", max_queue)):
+        if value < 1:
+            raise LinalignError(f"{name} must be >= 1, got {value}")
+    if request_timeout is not None and not request_timeout > 0:
+        raise LinalignError(f"request_timeout must be > 0 seconds, got {request_timeout}")
     with _invalid(None):
         AlignConfig(method="la", principles=["probe"], ratio=ratio)  # a bad --ratio fails at start, not per request
     name = model_name or aligner.main.name
-    batcher = Batcher(aligner, max_batch=max_batch, window=batch_window)
+    metrics = ServerMetrics()
+    batcher = Batcher(aligner, max_batch=max_batch, window=batch_window, max_queue=max_queue, metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         yield
-        batcher.close()
+        await run_in_threadpool(batcher.close, shutdown_grace)
 
     app = FastAPI(title="linalign", lifespan=lifespan)
     app.state.batcher = batcher
     app.add_middleware(_DeclaredBodyLimit, max_body_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(_RequireKey, api_key=api_key)
     _install_error_handlers(app, max_body_bytes)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_bearer(api_key))] if api_key else [])
+    v1 = APIRouter(prefix="/v1")
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": name, "queued": batcher.queued, "batches": len(batcher.batch_sizes)}
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health() -> JSONResponse:
+        body = {"status": "ok" if batcher.alive else "dead", "model": name}
+        body |= {"queued": batcher.queued, "running": batcher.running, "batches": len(batcher.batch_sizes)}
+        return JSONResponse(body, status_code=200 if batcher.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @v1.get("/models")
     async def models() -> dict:
@@ -292,20 +352,31 @@ def create_app(
     @v1.post("/chat/completions", response_model=None, max_body_size=max_body_bytes)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | EventSourceResponse:
         # Templating and tokenising a long conversation would stall the event loop; do it on a thread.
-        job, prompt_tokens = await run_in_threadpool(
-            build_job,
-            body,
-            aligner,
-            asyncio.get_running_loop(),
-            system_as_principle=system_as_principle,
-            ratio=ratio,
-            max_batch=max_batch,
-        )
-        batcher.submit(job)
+        try:
+            job = await run_in_threadpool(
+                build_job,
+                body,
+                aligner,
+                asyncio.get_running_loop(),
+                system_as_principle=system_as_principle,
+                ratio=ratio,
+                max_batch=max_batch,
+                timeout=request_timeout,
+            )
+            batcher.submit(job)
+        except APIError as err:
+            metrics.rejected.labels(reason="invalid").inc()
+            raise err
+        except QueueFull as err:
+            metrics.rejected.labels(reason="queue_full").inc()
+            retry = APIError(429, f"{err}; retry later", code="queue_full").response()
+            retry.headers["Retry-After"] = "1"
+            return retry
+        metrics.requests.inc()
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = _sse(job, head | {"object": "chat.completion.chunk"}, prompt_tokens, include_usage)
+            chunks = _sse(job, head | {"object": "chat.completion.chunk"}, aligner.tokenizer, include_usage)
             # Runs once the stream ends or the client hangs up; a finished job ignores it.
             return EventSourceResponse(chunks, background=BackgroundTask(job.cancel))
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
@@ -313,19 +384,23 @@ def create_app(
             completions = await job.collect()
         finally:
             watcher.cancel()
-        return JSONResponse(head | {"object": "chat.completion"} | _choices(completions, prompt_tokens))
+        choices = _choices(completions, job.prompt_tokens, aligner.tokenizer)
+        return JSONResponse(head | {"object": "chat.completion"} | choices)
 
     app.include_router(v1)
+    mount_playground(app)
     return app
 
 
-def _choices(completions: list[Completion], prompt_tokens: int) -> dict:
+def _choices(completions: list[Completion], prompt_tokens: int, tokenizer) -> dict:
     choices = [
         {
             "index": i,
             "message": {"role": "assistant", "content": c.text},
             "finish_reason": c.finish_reason,
-            "logprobs": None,
+            "logprobs": None
+            if c.logprobs is None
+            else {"content": [_logprobs_content(tokenizer, t, lp) for t, lp in c.logprobs]},
         }
         for i, c in enumerate(completions)
     ]

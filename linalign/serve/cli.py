@@ -12,6 +12,9 @@ from linalign.options import DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, RefModelOp
 HostOpt = Annotated[str, typer.Option(help="Interface to bind; the default keeps the server on this machine.")]
 PortOpt = Annotated[int, typer.Option(help="TCP port.")]
 MaxBatchOpt = Annotated[int, typer.Option(help="Sequences decoded together at most.")]
+ApiKeyOpt = Annotated[
+    str | None, typer.Option(envvar="LINALIGN_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.")
+]
 
 
 @exits_cleanly
@@ -22,9 +25,7 @@ def serve(
     device: DeviceOpt = "cpu",
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="LINALIGN_API_KEY", help="Require 'Authorization: Bearer KEY'.")
-    ] = None,
+    api_key: ApiKeyOpt = None,
     system_as_principle: Annotated[
         bool,
         typer.Option(
@@ -37,6 +38,10 @@ def serve(
     batch_window_ms: Annotated[float, typer.Option(help="How long the worker waits for requests to batch.")] = 20.0,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies are refused with a 400.")] = 1 << 20,
     model_name: Annotated[str | None, typer.Option(help="Model id reported to clients (default: --model).")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting at most; more get 429 + Retry-After.")] = 256,
+    request_timeout: Annotated[
+        float | None, typer.Option(help="Seconds a request may take in all (queue + decoding); none by default.")
+    ] = None,
 ) -> None:
     """Serve OpenAI's chat completions API; a 'linalign' object in the body chooses method and principle."""
     import uvicorn
@@ -56,6 +61,8 @@ def serve(
         batch_window=batch_window_ms / 1000,
         max_body_bytes=max_body_bytes,
         model_name=model_name,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
     )
     guard = " (API key required)" if api_key else ""
     console.print(f"serving {aligner.main.name} at http://{host}:{port}/v1{guard}")

@@ -22,14 +22,11 @@ from fastapi.staticfiles import StaticFiles
 from rich.console import Console
 
 from linalign.options import DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, RefModelOpt, exits_cleanly
-from linalign.serve.cli import MaxBatchOpt, serve
+from linalign.serve.cli import ApiKeyOpt, MaxBatchOpt, serve
 
 STATIC = Path(__file__).parent / "static"
 MOUNT = "playground"  # the page's files are served under /playground/
 
-ApiKeyOpt = Annotated[
-    str | None, typer.Option(envvar="LINALIGN_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.")
-]
 OpenOpt = Annotated[bool, typer.Option("--open/--no-open", help="Open the page in a browser once it is ready.")]
 
 

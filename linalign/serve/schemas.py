@@ -1,4 +1,8 @@
-"""Request bodies of the OpenAI-compatible endpoint, with linalign's own `linalign` object."""
+"""Request bodies of the OpenAI-compatible endpoint, with linalign's own `linalign` object.
+
+Every field that costs the server work per unit is bounded here, so a small body cannot buy a large bill:
+the limits are named in the 400 a request over them gets.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,15 @@ def _not_blank(text: str) -> str:
     return text
 
 
+MAX_PRINCIPLES = 16
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+MAX_STRENGTH = 100.0
+MAX_AMULET_ITERATIONS = 1000
+
 Principle = Annotated[str, AfterValidator(_not_blank)]
+Strength = Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class TextPart(BaseModel):
@@ -43,12 +55,12 @@ class LinalignOptions(BaseModel):
 
     method: Literal["base", "prompt", "la", "dera", "amulet"] = "la"
     principle: Principle | None = None
-    principles: list[Principle] | None = None
-    weights: list[float] | None = None
-    ratio: float | None = None
-    lam: float | None = None
+    principles: list[Principle] | None = Field(None, max_length=MAX_PRINCIPLES)
+    weights: list[Strength] | None = Field(None, max_length=MAX_PRINCIPLES)
+    ratio: Strength | None = None
+    lam: Strength | None = None
     plausibility_top_p: float | None = None
-    amulet_iterations: int | None = None
+    amulet_iterations: int | None = Field(None, ge=0, le=MAX_AMULET_ITERATIONS)
     amulet_eta: float | None = None
     amulet_alpha: float | None = None
     amulet_lambda: float | None = None
@@ -74,11 +86,26 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = None
+    temperature: float | None = Field(None, ge=0, le=MAX_STRENGTH)
     top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Accepted by the schema only to be refused with a clear message rather than silently ignored.
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
     linalign: LinalignOptions | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> ChatCompletionRequest:
+        for name in ("tools", "tool_choice", "response_format"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self

@@ -1,0 +1,65 @@
+"""One resolver from what a user typed (CLI options, an HTTP body, evaluation settings) to configurations.
+
+The CLI, the server and the evaluation all build their `AlignConfig`s and `DecodeConfig` here, so the
+method names, the sampling rule (`linalign.config`), the blank-principle policy and the defaults are the
+same everywhere; the configurations validate themselves.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+
+from linalign.config import METHODS, AlignConfig, DecodeConfig
+from linalign.errors import LinalignError
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """'base,prompt,la' (or a list) -> the method names, each checked."""
+    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    if not names:
+        raise LinalignError(f"name at least one method: {', '.join(METHODS)}")
+    for name in names:
+        if name not in METHODS:
+            raise LinalignError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return names
+
+
+def align_configs(methods: Sequence[str], principles: Sequence[str] | None, **knobs) -> list[AlignConfig]:
+    """One `AlignConfig` per method with the same principles and knobs (`None` knobs take the defaults)."""
+    settings = {k: v for k, v in knobs.items() if v is not None}
+    return [AlignConfig(method=m, principles=list(principles or []), **settings) for m in methods]
+
+
+def unescape(text: str) -> str:
+    r"""C-style escapes (`\n`, `\t`, `\\`, `\u00e9`) as a shell passes them literally, e.g. `--stop "\n\n"`."""
+    try:
+        return codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape")
+    except UnicodeDecodeError as err:
+        raise LinalignError(f"bad escape in {text!r}: {err.reason}") from None
+
+
+def decode_config(
+    max_new_tokens: int,
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    logprobs: int | None = None,
+) -> DecodeConfig:
+    """Unset values take the neutral ones; greedy unless `temperature > 0` (the sampling rule)."""
+    return DecodeConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature or 0.0,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k or 0,
+        seed=seed,
+        stop=list(stop or []),
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size or 0,
+        logprobs=logprobs,
+    )
