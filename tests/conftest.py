@@ -58,3 +58,13 @@ def tiny(smollm2, tmp_path_factory) -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_other(smollm2, tmp_path_factory) -> LoadedModel:
     return make_tiny(smollm2.tokenizer, 1, tmp_path_factory.mktemp("tiny1"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The built-in model's tokenizer alone, for tests that need no model."""
+    from transformers import AutoTokenizer
+
+    from linalign.models import _dequantised, builtin_gguf
+
+    return AutoTokenizer.from_pretrained(_dequantised(builtin_gguf()))
