@@ -150,7 +150,9 @@ def test_no_repeat_ngram_and_top_k_act_on_the_aligned_scores(aligner):
 
 def test_dera_with_rows_leaving_early(aligner):
     align = AlignConfig(method="dera", lam=1.5)
-    prepared = [aligner.prepare(q, align, DecodeConfig(max_new_tokens=n)) for q, n in zip(QUESTIONS, (3, 14, 8))]
+    prepared = [
+        aligner.prepare(q, align, DecodeConfig(max_new_tokens=n)) for q, n in zip(QUESTIONS, (3, 14, 8), strict=True)
+    ]
     got: dict[int, list[int]] = {0: [], 1: [], 2: []}
     for events in aligner.decode(prepared):
         for e in events:
@@ -194,7 +196,9 @@ def test_left_padding_is_trimmed_when_the_longest_row_leaves(tiny):
 def test_a_cache_that_cannot_drop_rows_keeps_them(aligner, monkeypatch):
     """Recurrent caches cannot drop rows: finished sequences then stay in the batch, and nothing changes."""
     align = AlignConfig(method="la", principles=[PRINCIPLE])
-    prepared = [aligner.prepare(q, align, DecodeConfig(max_new_tokens=n)) for q, n in zip(QUESTIONS, (3, 9, 5))]
+    prepared = [
+        aligner.prepare(q, align, DecodeConfig(max_new_tokens=n)) for q, n in zip(QUESTIONS, (3, 9, 5), strict=True)
+    ]
 
     def tokens() -> dict[int, list[int]]:
         got: dict[int, list[int]] = {0: [], 1: [], 2: []}
