@@ -335,7 +335,8 @@ def create_app(
     _install_error_handlers(app, max_body_bytes)
     v1 = APIRouter(prefix="/v1")
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.head("/health", include_in_schema=False)
+    @app.get("/health")
     async def health() -> JSONResponse:
         body = {"status": "ok" if batcher.alive else "dead", "model": name}
         body |= {"queued": batcher.queued, "running": batcher.running, "batches": len(batcher.batch_sizes)}

@@ -1,0 +1,225 @@
+"""The server under load and cost: per-request settings in one batch, continuous batching, admission limits,
+operations (health, metrics, auth before parsing) and logprobs; a real server and the official client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from linalign import AlignConfig, Aligner, DecodeConfig
+from linalign.serve import create_app
+from linalign.serve.server import serving
+
+PRINCIPLE = "Answer in lowercase letters only."
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+KEY = "load-key"
+
+
+@pytest.fixture(scope="module")
+def aligner(tiny) -> Aligner:
+    return Aligner(tiny)
+
+
+def client_for(url: str, key: str = "unused") -> OpenAI:
+    return OpenAI(base_url=url, api_key=key, max_retries=0)
+
+
+def solo(aligner: Aligner, align: AlignConfig, config: DecodeConfig, messages=QUESTION) -> str:
+    return aligner.generate([messages], align, config)[0].text
+
+
+MIXED = [
+    ({"linalign": {"method": "la", "principle": PRINCIPLE, "ratio": 2.0}}, {"max_tokens": 20}),
+    ({"linalign": {"method": "la", "principles": [PRINCIPLE, "Be rude."], "weights": [1, -0.5], "ratio": 1}}, {}),
+    ({"linalign": {"method": "prompt", "principle": "Be brief."}}, {"max_tokens": 5}),
+    ({"linalign": {"method": "base"}}, {"max_tokens": 9, "stop": ["the"]}),
+    ({"linalign": {"method": "amulet", "principle": PRINCIPLE, "amulet_iterations": 7}}, {"max_tokens": 14}),
+    ({"linalign": {"method": "la", "principle": PRINCIPLE}}, {"max_tokens": 11, "temperature": 0.8, "seed": 5}),
+    ({"linalign": {"method": "la", "principle": "Be brief."}}, {"max_tokens": 16, "temperature": 1.2, "seed": 9}),
+]
+
+
+def _expected(aligner: Aligner, extra: dict, kwargs: dict) -> str:
+    options = dict(extra["linalign"])
+    principles = [options.pop("principle")] if "principle" in options else options.pop("principles", [])
+    align = AlignConfig(principles=principles, **options)
+    config = DecodeConfig(
+        max_new_tokens=kwargs.get("max_tokens", 12),
+        temperature=kwargs.get("temperature", 0.0),
+        seed=kwargs.get("seed"),
+        stop=kwargs.get("stop", []),
+    )
+    return solo(aligner, align, config)
+
+
+def test_requests_with_different_settings_share_steps_and_equal_their_solo_results(aligner):
+    app = create_app(aligner, batch_window=0.2)
+    with serving(app) as url:
+        client, barrier, replies = client_for(url), threading.Barrier(len(MIXED)), {}
+
+        def request(i: int) -> None:
+            extra, kwargs = MIXED[i]
+            barrier.wait()
+            replies[i] = client.chat.completions.create(
+                model="m", messages=QUESTION, **{"max_tokens": 12} | kwargs, extra_body=extra
+            )
+
+        threads = [threading.Thread(target=request, args=(i,)) for i in range(len(MIXED))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert max(app.state.batcher.batch_sizes) >= 4  # different settings decoded in the same steps
+    for i, (extra, kwargs) in enumerate(MIXED):
+        assert replies[i].choices[0].message.content == _expected(aligner, extra, kwargs), MIXED[i]
+
+
+def test_a_short_request_finishes_while_a_long_one_streams(aligner):
+    app = create_app(aligner, max_batch=4)
+    with serving(app) as url:
+        client = client_for(url)
+        first_text, finished = threading.Event(), {}
+
+        def long() -> None:
+            stream = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=400, stream=True)
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first_text.set()
+            finished["long"] = time.monotonic()
+
+        thread = threading.Thread(target=long)
+        thread.start()
+        assert first_text.wait(30)
+        short = client.chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=4, extra_body={"linalign": {"principle": PRINCIPLE}}
+        )
+        finished["short"] = time.monotonic()
+        thread.join()
+    assert finished["short"] < finished["long"]
+    expected = solo(aligner, AlignConfig(method="la", principles=[PRINCIPLE]), DecodeConfig(max_new_tokens=4))
+    assert short.choices[0].message.content == expected
+
+
+def test_a_full_queue_is_429_with_retry_after(aligner):
+    app = create_app(aligner, max_batch=1, max_queue=1, batch_window=0)
+    with serving(app) as url:
+        body = {"messages": QUESTION, "max_tokens": 300}
+        with httpx.Client(timeout=60) as http:
+            threads = [threading.Thread(target=http.post, args=(f"{url}/chat/completions",), kwargs={"json": body})]
+            threads[0].start()
+            deadline = time.monotonic() + 10
+            while app.state.batcher.running == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            threads.append(threading.Thread(target=http.post, args=(f"{url}/chat/completions",), kwargs={"json": body}))
+            threads[1].start()
+            while app.state.batcher.queued == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(openai.RateLimitError) as err:
+                client_for(url).chat.completions.create(model="m", messages=QUESTION, max_tokens=2)
+            assert err.value.response.headers["retry-after"] == "1"
+            assert "queue is full" in err.value.body["message"]
+            metrics = http.get(url.removesuffix("/v1") + "/metrics").text
+            assert 'linalign_rejected_requests_total{reason="queue_full"} 1.0' in metrics
+            for t in threads:
+                t.join()
+
+
+def test_a_request_past_the_deadline_is_a_clear_504(aligner):
+    app = create_app(aligner, request_timeout=0.3)
+    with serving(app) as url:
+        client = client_for(url)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model="m", messages=QUESTION, max_tokens=450)
+        assert err.value.status_code == 504 and "time limit" in err.value.body["message"]
+        with pytest.raises(openai.APIError, match="time limit"):
+            list(client.chat.completions.create(model="m", messages=QUESTION, max_tokens=450, stream=True))
+        assert client.chat.completions.create(model="m", messages=QUESTION, max_tokens=1).choices
+
+
+def test_health_reports_a_dead_worker_and_answers_head(aligner):
+    app = create_app(aligner)
+    with serving(app) as url:
+        root = url.removesuffix("/v1")
+        assert httpx.head(f"{root}/health").status_code == 200
+        assert httpx.get(f"{root}/health").json()["status"] == "ok"
+        app.state.batcher.close()
+        assert httpx.get(f"{root}/health").status_code == 503
+        assert httpx.head(f"{root}/health").status_code == 503
+
+
+def test_the_key_is_checked_before_the_body_and_guards_docs_and_metrics(aligner):
+    with serving(create_app(aligner, api_key=KEY)) as url:
+        root = url.removesuffix("/v1")
+        bad_body = httpx.post(f"{url}/chat/completions", content=b"{not json", headers={"content-type": "x"})
+        assert bad_body.status_code == 401
+        for path in ("/docs", "/openapi.json", "/metrics"):
+            assert httpx.get(root + path).status_code == 401
+            assert httpx.get(root + path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.get(f"{root}/health").status_code == 200
+        assert httpx.get(f"{root}/").status_code == 200  # the playground's page
+
+
+def test_metrics_count_tokens_requests_and_latency(aligner):
+    app = create_app(aligner)
+    with serving(app) as url:
+        client = client_for(url)
+        reply = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=5)
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="m", messages=QUESTION, extra_body={"linalign": {"ratio": 1e9}})
+        text = httpx.get(url.removesuffix("/v1") + "/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
+    assert values["linalign_generated_tokens_total"] == reply.usage.completion_tokens
+    assert values["linalign_requests_total"] == 1
+    assert values["linalign_request_seconds_count"] == 1
+    assert values["linalign_time_to_first_token_seconds_count"] == 1
+    assert values["linalign_queue_depth"] == 0
+
+
+def test_logprobs_have_openais_shape_with_the_principled_and_plain_candidates(aligner):
+    with serving(create_app(aligner)) as url:
+        client = client_for(url)
+        la = {"linalign": {"principle": PRINCIPLE}}
+        reply = client.chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=6, logprobs=True, top_logprobs=3, extra_body=la
+        )
+        streamed = client.chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=6, logprobs=True, top_logprobs=3, extra_body=la, stream=True
+        )
+        chunks = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+        plain = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=3, logprobs=True)
+    content = reply.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == reply.choices[0].message.content
+    for item in content:
+        assert len(item.top_logprobs) == 3 and item.logprob <= 0
+        assert item.top_logprobs[0].logprob >= item.logprob  # the aligned argmax is the greedy choice
+        assert item.top_logprobs[0].token == item.token
+        extension = item.model_extra["linalign"]
+        assert len(extension["principled"]) == 3 and len(extension["plain"]) == 3
+        assert all(-9999.0 <= c["logprob"] <= 0 for c in extension["principled"] + extension["plain"])
+    assert [c.content[0].token for c in chunks] == [c.token for c in content]
+    assert all(
+        item.top_logprobs == [] and "linalign" not in item.model_extra for item in plain.choices[0].logprobs.content
+    )
+
+
+def test_many_stop_strings_cost_nothing_extra(aligner):
+    with serving(create_app(aligner)) as url:
+        start = time.monotonic()
+        reply = client_for(url).chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=8, stop=[f"stop-{i}-" + "x" * 240 for i in range(16)]
+        )
+        assert time.monotonic() - start < 10 and reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streamed_usage_counts_the_tokens(aligner):
+    with serving(create_app(aligner)) as url:
+        body = {"messages": QUESTION, "max_tokens": 7, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{url}/chat/completions", json=body) as response:
+            events = [json.loads(x.removeprefix("data: ")) for x in response.iter_lines() if x.startswith("data: {")]
+    assert events[-1]["usage"]["completion_tokens"] == 7 or events[-2]["choices"][0]["finish_reason"] == "stop"
