@@ -209,7 +209,7 @@ def _floats(text: str, name: str) -> list[float]:
 @app.command("eval")
 @exits_cleanly
 def evaluate(
-    suite: Annotated[str, typer.Option(help="principles, persona or files.")] = "principles",
+    suite: Annotated[str, typer.Option(help="principles, principles-heldout, persona or files.")] = "principles",
     methods: Annotated[str, typer.Option(help="Comma-separated methods to compare.")] = "base,prompt,la",
     ratios: Annotated[str, typer.Option(help="Ratios swept for la, comma-separated.")] = "2",
     lams: Annotated[str, typer.Option(help="λ values swept for dera, comma-separated.")] = "0,0.5,1,1.5",

@@ -38,6 +38,15 @@ PASS_FAIL = [
     ),
     ("no_digits", {}, "Twenty two apples.", "22 apples."),
     ("no_digits", {}, "None at all.", "Room ٣ please"),
+    # the held-out set's kinds (tests/test_quality.py checks them on that set's own principles)
+    ("numbered_list", {}, "1. a\n2) b", "1. a"),
+    ("single_paragraph", {}, "One line only.", "- a list item"),
+    ("wrapped_in", {"left": '"', "right": '"'}, '"quoted"', '""'),
+    ("avoid_chars", {"chars": "!"}, "Calm.", "Wow!"),
+    ("include_any", {"keywords": ["arr", "matey"]}, "Ahoy matey", "Arrow"),
+    ("ends_with_question", {}, "Why not?", "Why? Because."),
+    ("max_sentences", {"n": 1}, "One sentence.", "One. Two."),
+    ("include_digit", {}, "In 1999.", "In nineteen ninety-nine."),
 ]
 
 

@@ -169,3 +169,65 @@ def simple_vocabulary(text: str) -> bool:
 def no_digits(text: str) -> bool:
     """Non-empty and no digit characters (Unicode digits included)."""
     return bool(text.strip()) and not any(c.isdigit() for c in text)
+
+
+# Checkers of the held-out principle set (data/principles_heldout.jsonl): kinds the tuned-on set does not use.
+
+_NUMBERED = re.compile(r"^\d+[.)]\s")
+_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
+
+
+@checker("numbered_list")
+def numbered_list(text: str) -> bool:
+    """Every non-empty line starts with '1. ' or '1) ' (any number), and there are at least two items."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return len(lines) >= 2 and all(_NUMBERED.match(line) for line in lines)
+
+
+@checker("single_paragraph")
+def single_paragraph(text: str) -> bool:
+    """Non-empty, one line (no line break inside), and not a list item or a heading."""
+    body = text.strip()
+    return bool(body) and "\n" not in body and not body.startswith((*_BULLETS, "#")) and not _NUMBERED.match(body)
+
+
+@checker("wrapped_in")
+def wrapped_in(text: str, left: str, right: str) -> bool:
+    """The stripped text starts with `left` and ends with `right`, with something in between."""
+    body = text.strip()
+    return len(body) > len(left) + len(right) and body.startswith(left) and body.endswith(right)
+
+
+@checker("avoid_chars")
+def avoid_chars(text: str, chars: str) -> bool:
+    """Non-empty and none of the characters in `chars`."""
+    return bool(text.strip()) and not any(c in text for c in chars)
+
+
+@checker("include_any")
+def include_any(text: str, keywords: list[str]) -> bool:
+    """Contains at least one of `keywords` as a whole word or phrase, case-insensitively."""
+    return any(_contains_word(text, k) for k in keywords)
+
+
+@checker("ends_with_question")
+def ends_with_question(text: str) -> bool:
+    """The last visible character, after closing quotes and emphasis, is a question mark."""
+    return text.rstrip(" \t\r\n\"'”’`*_)").endswith(("?", "？"))
+
+
+@checker("max_sentences")
+def max_sentences(text: str, n: int) -> bool:
+    """Non-empty and at most `n` sentences (runs of text ended by '.', '!' or '?' before a space or the end,
+    a trailing fragment counting as one)."""
+    body = text.strip()
+    if not body:
+        return False
+    fragment = not body.endswith((".", "!", "?"))
+    return len(_SENTENCE_END.findall(body)) + fragment <= int(n)
+
+
+@checker("include_digit")
+def include_digit(text: str) -> bool:
+    """Contains at least one digit character."""
+    return any(c.isdigit() for c in text)

@@ -115,9 +115,13 @@ def _non_empty(items: list[Any], path: Any) -> list[Any]:
 # Loaders
 
 
-def load_principles(path: str | Path | None = None) -> list[Principle]:
-    """Rows {"id", "principle", "check", "params"?}; ids must be unique. Defaults to the shipped principles."""
-    source = Path(path) if path is not None else _shipped("principles.jsonl")
+PRINCIPLE_SETS = {"main": "principles.jsonl", "heldout": "principles_heldout.jsonl"}
+
+
+def load_principles(path: str | Path | None = None, principle_set: str = "main") -> list[Principle]:
+    """Rows {"id", "principle", "check", "params"?}; ids must be unique. Defaults to the shipped principles of
+    `principle_set`: "main" (the set methods are tuned on) or "heldout" (kept out of tuning)."""
+    source = Path(path) if path is not None else _shipped(PRINCIPLE_SETS[principle_set])
     out: list[Principle] = []
     seen: set[str] = set()
     for where, row in _rows(source):

@@ -9,7 +9,7 @@ from linalign.errors import LinalignError
 from linalign.evaluation import checkers, datasets
 from linalign.prompts import Conversation
 
-SUITES = ("principles", "persona", "files")
+SUITES = ("principles", "principles-heldout", "persona", "files")
 LETTERS = "ABCD"
 
 
@@ -33,8 +33,12 @@ class Task:
         return None
 
 
-def principle_tasks(questions_limit: int | None = None, only: list[str] | None = None) -> list[Task]:
-    principles = datasets.load_principles()
+def principle_tasks(
+    questions_limit: int | None = None, only: list[str] | None = None, principle_set: str = "main"
+) -> list[Task]:
+    """Every principle of `principle_set` x the shipped questions: "main", or "heldout", a second set of
+    other kinds of principle that method options are judged on without being tuned on it."""
+    principles = datasets.load_principles(principle_set=principle_set)
     if only:
         unknown = set(only) - {p.id for p in principles}
         if unknown:
@@ -75,6 +79,8 @@ def build_tasks(
 ) -> list[Task]:
     if suite == "principles":
         return principle_tasks(limit, only)
+    if suite == "principles-heldout":
+        return principle_tasks(limit, only, "heldout")
     if suite == "persona":
         return persona_tasks(file, limit)
     if suite == "files":
