@@ -105,6 +105,25 @@ def run_serve_bench(
     }
 
 
+def run_mixed(model: str, dtype: str, device: str, ratio: float, soak_seconds: float | None) -> dict:
+    """The mixed load and head-of-line case (or the soak) against one in-process server."""
+    from linalign.engine import Aligner
+    from linalign.serve.app import create_app
+    from linalign.serve.load import head_of_line, mixed_load, soak
+    from linalign.serve.server import serving
+
+    aligner = Aligner(model, dtype=dtype, device=device)
+    app = create_app(aligner, max_batch=16, ratio=ratio)
+    report = {"model": aligner.main.name, "device": str(aligner.main.device), "threads": torch.get_num_threads()}
+    with serving(app) as base_url:
+        if soak_seconds:
+            report["soak"] = soak(base_url, soak_seconds)
+        else:
+            report["mixed"] = mixed_load(base_url)
+            report["head_of_line"] = head_of_line(base_url)
+    return report
+
+
 @exits_cleanly
 def serve_bench(
     model: ModelOpt = "smollm2",
@@ -115,9 +134,24 @@ def serve_bench(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("runs/serve-bench.json"),
+    mixed: Annotated[
+        bool, typer.Option("--mixed", help="16 clients of mixed lengths and settings, and the head-of-line case.")
+    ] = False,
+    soak: Annotated[
+        float | None, typer.Option(help="Seconds of mixed load with malformed and cost-attack requests.")
+    ] = None,
 ) -> None:
-    """Requests/s, tokens/s and latency of `linalign serve` with 1, 4 and 8 concurrent clients."""
+    """Requests/s, tokens/s and latency of `linalign serve` with 1, 4 and 8 concurrent clients (or a mixed load,
+    or a soak)."""
     console = Console()
+    if mixed or soak:
+        with console.status("benchmarking the server under a mixed load", spinner="dots"):
+            report = run_mixed(model, dtype, device, ratio, soak)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        console.print_json(data=report)
+        console.print(f"report written to {out}")
+        return
     with console.status("benchmarking the server", spinner="dots"):
         report = run_serve_bench(model, tuple(clients or (1, 4, 8)), requests, max_tokens, ratio, dtype, device)
     out.parent.mkdir(parents=True, exist_ok=True)
