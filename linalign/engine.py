@@ -62,6 +62,16 @@ def check_same_vocabulary(a: LoadedModel, b: LoadedModel) -> None:
         raise LinalignError(f"vocabulary mismatch: {a.name} and {b.name} map tokens to different ids")
 
 
+def _capacity(prepared: Sequence[Prepared]) -> dict[int, int]:
+    """KV cells per model for decoding `prepared` to the end: every distinct context, prompt plus new tokens."""
+    cells: dict[int, int] = {}
+    for p in prepared:
+        contexts = {(t.model, tuple(ids)) for t, ids in zip(p.plan.terms, p.term_ids, strict=True)}
+        for model, ids in contexts:
+            cells[model] = cells.get(model, 0) + len(ids) + p.config.max_new_tokens
+    return cells
+
+
 class Aligner:
     """A model (and optionally DeRa's reference model) ready to decode with any method.
 
@@ -75,14 +85,24 @@ class Aligner:
         *,
         dtype: str = "float32",
         device: str = "cpu",
+        compile: bool = False,
+        backend: str = "auto",
     ) -> None:
-        self.main = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+        def load(spec: LoadedModel | str | None) -> LoadedModel:
+            if isinstance(spec, LoadedModel):
+                return spec
+            return load_model(spec, dtype=dtype, device=device, backend=backend)
+
+        self.main = load(model)
         self.reference = None
         if reference is not None:
-            self.reference = (
-                reference if isinstance(reference, LoadedModel) else load_model(reference, dtype=dtype, device=device)
-            )
+            self.reference = load(reference)
             check_same_vocabulary(self.main, self.reference)
+        self.compile = compile  # static caches and a compiled step (linalign.backends.compiled)
+        if compile:  # a model the compiled path cannot handle is refused now, not mid-generation
+            for loaded in (self.main, self.reference):
+                if loaded is not None:
+                    loaded.open(compile=True)
 
     @property
     def tokenizer(self):
@@ -143,11 +163,11 @@ class Aligner:
             for i, (p, a) in enumerate(zip(prompts, aligns, strict=True))
         ]
 
-    def decoder(self) -> Decoder:
-        """An empty decode loop over fresh caches of the model(s)."""
-        backends = {0: self.main.open()}
-        if self.reference is not None:
-            backends[1] = self.reference.open()
+    def decoder(self, capacity: dict[int, int] | None = None) -> Decoder:
+        """An empty decode loop over fresh caches of the model(s); `capacity[m]`: KV cells model `m` will need."""
+        capacity = capacity or {}
+        opened = {m: loaded for m, loaded in enumerate((self.main, self.reference)) if loaded is not None}
+        backends = {m: loaded.open(capacity.get(m), compile=self.compile) for m, loaded in opened.items()}
         return Decoder(backends, self.tokenizer, self.main.eos_ids, device=self.main.device)
 
     def decode(self, prepared: Sequence[Prepared], cancelled: Sequence[bool] | None = None) -> Iterator[list[Event]]:
@@ -155,7 +175,7 @@ class Aligner:
 
         Setting `cancelled[i] = True` between steps ends sequence `i` (finish reason "cancelled").
         """
-        decoder = self.decoder()
+        decoder = self.decoder(_capacity(prepared))
         decoder.add_many(list(enumerate(prepared)))
         while len(decoder):
             if cancelled is not None:

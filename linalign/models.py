@@ -10,16 +10,21 @@ import hashlib
 import importlib.util
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from linalign.backends import Backend
+from linalign.backends.compiled import CompiledBackend, CompiledModel
 from linalign.backends.transformers import TransformersBackend
 from linalign.errors import LinalignError
+
+if TYPE_CHECKING:
+    from linalign.backends.llamacpp import LlamaCppModel
 
 DEFAULT_MODEL = "smollm2"
 _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,33 +34,66 @@ _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
 class LoadedModel:
     """A causal LM with its tokenizer, ready for decoding."""
 
-    model: PreTrainedModel
+    model: PreTrainedModel | None
     tokenizer: PreTrainedTokenizerBase
     name: str
+    random_weights: bool = False  # built from a shipped config with random weights (linalign.random_init)
+    compiled: CompiledModel | None = field(default=None, repr=False)  # the compiled step, made on first use
+    # The llama.cpp model when the llama.cpp backend runs it (then `model` is None until `scoring_model()`).
+    runner: LlamaCppModel | None = field(default=None, repr=False)
+    source: str | None = None  # what was loaded, for loading the transformers form later
+
+    @property
+    def backend(self) -> str:
+        return "llamacpp" if self.runner is not None else "transformers"
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self.runner.device if self.runner is not None else self.model.device
 
     @property
     def context_length(self) -> int | None:
+        if self.runner is not None:
+            return self.runner.context_length
         return getattr(self.model.config, "max_position_embeddings", None)
 
     @property
     def vocab_size(self) -> int:
+        if self.runner is not None:
+            return self.runner.vocab_size
         return self.model.get_output_embeddings().weight.shape[0]
 
     @property
     def eos_ids(self) -> list[int]:
-        """Every id that ends a sequence: the generation config's and the tokenizer's."""
-        configured = self.model.generation_config.eos_token_id
-        ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        """Every id that ends a sequence: the generation config's (llama.cpp's end-of-generation tokens) and
+        the tokenizer's."""
+        if self.runner is not None:
+            ids = set(self.runner.eos_ids)
+        else:
+            configured = self.model.generation_config.eos_token_id
+            ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
 
-    def open(self, capacity: int | None = None) -> Backend:
-        """A fresh, empty set of rows over these weights (`capacity`: a hint of the KV cells needed)."""
+    def scoring_model(self) -> PreTrainedModel:
+        """A `transformers` model of these weights, for scoring whole sequences (perplexity); loaded on first
+        use where the llama.cpp backend decodes."""
+        if self.model is None:
+            self.model = load_model(self.source, backend="transformers").model
+        return self.model
+
+    def open(self, capacity: int | None = None, compile: bool = False) -> Backend:
+        """A fresh, empty set of rows over these weights (`capacity`: a hint of the KV cells needed);
+        `compile`: a static cache stepped by `torch.compile` (`linalign.backends.compiled`)."""
+        if self.runner is not None:
+            if compile:
+                raise LinalignError("--compile applies to the transformers backend; llama.cpp runs compiled code")
+            return self.runner.open(capacity)
+        if compile:
+            if self.compiled is None:
+                self.compiled = CompiledModel(self.model, self.tokenizer.pad_token_id)
+            return CompiledBackend(self.compiled, capacity)
         return TransformersBackend(self.model, self.tokenizer.pad_token_id)
 
 
@@ -144,14 +182,69 @@ def hub_reachable(timeout: float = 1.5) -> bool:
     return True
 
 
-def load_model(spec: str | None = None, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+BACKENDS = ("auto", "transformers", "llamacpp")
+
+
+def llamacpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def pick_backend(backend: str, source: Path | str) -> str:
+    """`auto`: llama.cpp for `.gguf` files (the built-in model too) when it is installed, else transformers."""
+    if backend not in BACKENDS:
+        raise LinalignError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    is_gguf = isinstance(source, Path) and source.suffix == ".gguf"
+    if backend == "llamacpp":
+        if not is_gguf:
+            raise LinalignError("the llama.cpp backend runs .gguf files; give one (or the built-in model)")
+        if not llamacpp_available():
+            raise LinalignError("the llama.cpp backend needs llama-cpp-python: pip install 'linalign[llamacpp]'")
+        return backend
+    if backend == "auto":
+        return "llamacpp" if is_gguf and llamacpp_available() else "transformers"
+    return backend
+
+
+def _gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
+    """The GGUF's tokenizer as `transformers` reads it, cached beside the de-quantised weights."""
+    target = _gguf_cache_dir(gguf)
+    for cached in (target, target.with_name(target.name + "-tokenizer")):
+        if (cached / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(cached)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = target.with_name(target.name + f"-tokenizer.tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target.with_name(target.name + "-tokenizer"))
+    return tokenizer
+
+
+def _load_llamacpp(gguf: Path, name: str) -> LoadedModel:
+    from linalign.backends.llamacpp import LlamaCppModel
+
+    tokenizer = _prepared_tokenizer(_gguf_tokenizer(gguf))
+    return LoadedModel(model=None, tokenizer=tokenizer, name=name, runner=LlamaCppModel(gguf), source=str(gguf))
+
+
+def _prepared_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(
+    spec: str | None = None, *, dtype: str = "float32", device: str = "cpu", backend: str = "transformers"
+) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a directory or a `.gguf` file.
 
-    `device` is `cpu`, `cuda`, `cuda:N`, `mps` or `auto` (accelerate's `device_map="auto"`).
+    `device` is `cpu`, `cuda`, `cuda:N`, `mps` or `auto` (accelerate's `device_map="auto"`). `backend` is
+    `transformers`, `llamacpp` (`.gguf` files, CPU) or `auto` (see `pick_backend`).
     """
     if dtype not in _DTYPES:
         raise LinalignError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
     source = resolve(spec)
+    if pick_backend(backend, source) == "llamacpp":
+        return _load_llamacpp(source, str(spec or DEFAULT_MODEL))
     if isinstance(source, Path) and source.suffix == ".gguf":
         source = _dequantised(source)
     placement = {"device_map": "auto"} if device == "auto" else {}
@@ -175,7 +268,5 @@ def load_model(spec: str | None = None, *, dtype: str = "float32", device: str =
         except (RuntimeError, AssertionError) as err:
             raise LinalignError(f"device {device!r} is not usable here: {err}") from err
     model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return LoadedModel(model=model, tokenizer=tokenizer, name=str(spec or DEFAULT_MODEL))
+    name = str(spec or DEFAULT_MODEL)
+    return LoadedModel(model=model, tokenizer=_prepared_tokenizer(tokenizer), name=name, source=spec)
