@@ -8,6 +8,11 @@ Every method decodes the same prompts to the same forced length (greedy, `min_ne
 3. `linalign-plain`  linalign's own plain decoding of the principled prompt (same kernels as 2)
 4. `hf-cfg`          `generate(guidance_scale=1+r, negative_prompt_ids=...)`, the library peer
 5. `two-pass`        two separate cached forward passes per token, as the reference code does
+
+With `compile=True`, also 2 and 3 on the compiled, static-cache path (`linalign.backends.compiled`):
+`linalign-compiled` and `linalign-plain-compiled`; their first run (the compilation) is timed apart, as
+`compile_seconds`. `random_init=NAME` measures a model of a shipped config's shape with random weights
+(`linalign.random_init`), so real sizes can be measured offline; the report says `"weights": "random"`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from linalign.backends.transformers import TransformersBackend, left_padded
 from linalign.config import AlignConfig, DecodeConfig
 from linalign.engine import Aligner
-from linalign.models import load_model
+from linalign.models import LoadedModel, load_model
 from linalign.prompts import build_ids
 from linalign.step import aligned_scores
 
@@ -101,7 +106,9 @@ def _two_pass(model, principled, plain, ratio: float, steps: int, pad_id: int) -
         logits = [c.step(tokens) for c in contexts]
 
 
-def _runs(aligner: Aligner, prompts: list[str], new_tokens: int, ratio: float) -> dict[str, Callable[[], object]]:
+def _runs(
+    aligner: Aligner, prompts: list[str], new_tokens: int, ratio: float, compiled: Aligner | None = None
+) -> dict[str, Callable[[], object]]:
     """One zero-argument callable per method, all decoding `prompts` to exactly `new_tokens` tokens."""
     tok, hf, device = aligner.tokenizer, aligner.main.model, aligner.main.device
     pad = tok.pad_token_id
@@ -114,13 +121,35 @@ def _runs(aligner: Aligner, prompts: list[str], new_tokens: int, ratio: float) -
     prompting = AlignConfig(method="prompt", principles=[PRINCIPLE])
     config = DecodeConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     cfg = {"guidance_scale": 1 + ratio, "negative_prompt_ids": n_ids, "negative_prompt_attention_mask": n_mask}
-    return {
+    runs = {
         "generate": lambda: hf.generate(p_ids, attention_mask=p_mask, **forced),
         "linalign": lambda: aligner.generate(prompts, align, config),
         "linalign-plain": lambda: aligner.generate(prompts, prompting, config),
         "hf-cfg": lambda: hf.generate(p_ids, attention_mask=p_mask, **cfg, **forced),
         "two-pass": lambda: _two_pass(hf, principled, plain, ratio, new_tokens, pad),
     }
+    if compiled is not None:
+        runs["linalign-compiled"] = lambda: compiled.generate(prompts, align, config)
+        runs["linalign-plain-compiled"] = lambda: compiled.generate(prompts, prompting, config)
+    return runs
+
+
+def _load(model: str | None, random_init: str | None, device: str, dtype: str) -> LoadedModel:
+    if random_init is None:
+        return load_model(model, dtype=dtype, device=device)
+    from linalign.random_init import random_init_model
+
+    return random_init_model(random_init, dtype=dtype, device=device)
+
+
+def _timed(run: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def run_benchmark(
@@ -132,47 +161,74 @@ def run_benchmark(
     device: str = "cpu",
     dtype: str = "float32",
     progress: Callable[[str], None] = lambda _: None,
+    compile: bool = False,
+    random_init: str | None = None,
+    methods: tuple[str, ...] | None = None,
 ) -> dict:
-    """Measure every method at every batch size; best of `repeats` runs each."""
+    """Measure every method (or those in `methods`; `generate` always) at every batch size; best of `repeats`
+    runs each. Compiled methods run after all eager ones, so the static caches and CUDA graphs they keep do not
+    count in the eager methods' memory."""
     start = time.perf_counter()
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = _load(model, random_init, device, dtype)
     load_seconds = time.perf_counter() - start
     aligner = Aligner(loaded)
+    compiled = Aligner(loaded, compile=True) if compile else None
     memory = _PeakMemory(loaded.device)
-    results: list[Measurement] = []
-    for batch in batches:
-        runs = _runs(aligner, [PROMPTS[i % len(PROMPTS)] for i in range(batch)], new_tokens, ratio)
-        best: dict[str, Measurement] = {}
-        runs["linalign"]()  # warm-up: first-call allocations and kernel selection
-        for _ in range(repeats):
-            for name, run in runs.items():
-                progress(f"batch {batch}: {name}")
-                with memory.measure() as mem:
-                    t0 = time.perf_counter()
-                    run()
-                    if loaded.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    seconds = time.perf_counter() - t0
-                m = Measurement(name, batch, batch * new_tokens / seconds, mem["peak"], mem["extra"])
-                if name in best:
-                    m.peak_mb, m.extra_mb = max(best[name].peak_mb, m.peak_mb), max(best[name].extra_mb, m.extra_mb)
-                    m.tokens_per_s = max(m.tokens_per_s, best[name].tokens_per_s)
-                best[name] = m
-        floor = best["generate"]
-        for m in best.values():
-            m.speed_vs_generate = m.tokens_per_s / floor.tokens_per_s
-            m.memory_vs_generate = m.peak_mb / floor.peak_mb
-        results.extend(best.values())
+    best: dict[tuple[int, str], Measurement] = {}
+    compile_seconds: dict[str, float] = {}
+    for phase in ("eager", "compiled"):
+        for batch in batches:
+            runs = _runs(aligner, [PROMPTS[i % len(PROMPTS)] for i in range(batch)], new_tokens, ratio, compiled)
+            runs = {
+                k: v
+                for k, v in runs.items()
+                if k.endswith("compiled") == (phase == "compiled")
+                and (methods is None or k in methods or k == "generate")
+            }
+            for name in ("linalign", "linalign-compiled", "linalign-plain-compiled"):  # warm-up; compilation
+                if name in runs:
+                    progress(f"batch {batch}: warming up {name}")
+                    seconds = _timed(runs[name], loaded.device)
+                    if name.endswith("compiled"):
+                        compile_seconds[f"{name}@{batch}"] = round(seconds, 1)
+            for _ in range(repeats):
+                for name, run in runs.items():
+                    progress(f"batch {batch}: {name}")
+                    with memory.measure() as mem:
+                        seconds = _timed(run, loaded.device)
+                    _keep_best(best, Measurement(name, batch, batch * new_tokens / seconds, mem["peak"], mem["extra"]))
+    results = sorted(best.values(), key=lambda m: m.batch)  # stable: methods stay in the order they ran
+    for m in results:
+        floor = best[(m.batch, "generate")]
+        m.speed_vs_generate = m.tokens_per_s / floor.tokens_per_s
+        m.memory_vs_generate = m.peak_mb / floor.peak_mb
     return {
         "model": loaded.name,
-        "device": str(loaded.device),
+        "weights": "random" if loaded.random_weights else "pretrained",
+        "device": _device_name(loaded.device),
         "dtype": dtype,
         "threads": torch.get_num_threads(),
         "new_tokens": new_tokens,
         "ratio": ratio,
         "model_load_seconds": round(load_seconds, 2),
+        "compile_seconds": compile_seconds,  # first run of each compiled method: compilation and one decode
         "results": [asdict(m) for m in results],
     }
+
+
+def _keep_best(best: dict[tuple[int, str], Measurement], m: Measurement) -> None:
+    """The fastest run's speed; the largest peak memory of any run."""
+    old = best.get((m.batch, m.method))
+    if old is not None:
+        m.peak_mb, m.extra_mb = max(old.peak_mb, m.peak_mb), max(old.extra_mb, m.extra_mb)
+        m.tokens_per_s = max(m.tokens_per_s, old.tokens_per_s)
+    best[(m.batch, m.method)] = m
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def write_report(report: dict, path: Path) -> None:

@@ -18,6 +18,7 @@ from linalign.options import (
     AmuletEtaOpt,
     AmuletItersOpt,
     AmuletLambdaOpt,
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     LamOpt,
@@ -99,6 +100,7 @@ def generate(
     ref_model: RefModelOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    compile: CompileOpt = False,
     max_new_tokens: MaxNewOpt = 128,
     system: SystemOpt = None,
     raw: RawOpt = False,
@@ -141,7 +143,7 @@ def generate(
     if not config.do_sample and any(v is not None for v in (top_p, top_k, seed)):
         console.print("note: --top-p, --top-k and --seed shape sampling only; without --temperature decoding is greedy")
     with console.status(f"loading {model}", spinner="dots"):
-        aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device)
+        aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device, compile=compile)
     results = {}
     for align in aligns:
         label = align.label
@@ -169,6 +171,10 @@ def bench(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("runs/bench.json"),
+    compile: CompileOpt = False,
+    random_init: Annotated[
+        str | None, typer.Option(help="Measure a shipped config's shape (llama-3.2-1b, ...) with random weights.")
+    ] = None,
 ) -> None:
     """Tokens/s and peak memory of Linear Alignment vs plain generate, HF CFG and two separate passes."""
     from linalign.bench import run_benchmark, write_report
@@ -176,7 +182,16 @@ def bench(
     console = Console()
     with console.status("benchmarking", spinner="dots") as status:
         report = run_benchmark(
-            model, tuple(batch or (1, 8)), new_tokens, ratio, repeats, device, dtype, progress=status.update
+            model,
+            tuple(batch or (1, 8)),
+            new_tokens,
+            ratio,
+            repeats,
+            device,
+            dtype,
+            progress=status.update,
+            compile=compile,
+            random_init=random_init,
         )
     write_report(report, out)
     table = Table(
@@ -196,6 +211,8 @@ def bench(
             f"{r['extra_mb']:.0f}",
         )
     console.print(table)
+    if report["compile_seconds"]:
+        console.print(f"first run of each compiled method (compilation included), s: {report['compile_seconds']}")
     console.print(f"model load: {report['model_load_seconds']} s; report written to {out}")
 
 

@@ -18,6 +18,14 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face id, l
 RefModelOpt = Annotated[str | None, typer.Option("--ref-model", help="DeRa's reference model (same vocabulary).")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto (device_map='auto').")]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="A static KV cache and a torch.compile'd decode step (CUDA graphs on CUDA); models it cannot handle "
+        "are refused before decoding.",
+    ),
+]
 PrincipleOpt = Annotated[
     list[str] | None, typer.Option("--principle", "-p", help="The preference to follow; repeat for several.")
 ]
