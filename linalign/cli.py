@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,7 @@ from linalign.options import (
     AmuletEtaOpt,
     AmuletItersOpt,
     AmuletLambdaOpt,
+    BackendOpt,
     CompileOpt,
     DeviceOpt,
     DtypeOpt,
@@ -100,6 +102,7 @@ def generate(
     ref_model: RefModelOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    backend: BackendOpt = "auto",
     compile: CompileOpt = False,
     max_new_tokens: MaxNewOpt = 128,
     system: SystemOpt = None,
@@ -110,6 +113,10 @@ def generate(
     seed: SeedOpt = None,
     stop: StopOpt = None,
     repetition_penalty: RepetitionOpt = 1.0,
+    kl_budget: KlBudgetOpt = None,
+    repeat_guard: RepeatGuardOpt = 0,
+    mask: MaskKindOpt = "top_p",
+    min_p: MinPOpt = 0.1,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of tables.")] = False,
 ) -> None:
     """Generate with each method, side by side, for every prompt (one batch per method)."""
@@ -127,7 +134,9 @@ def generate(
         amulet_eta=amulet_eta,
         amulet_alpha=amulet_alpha,
         amulet_lambda=amulet_lambda,
+        repeat_guard=repeat_guard,
     )
+    aligns = _with_la_options(aligns, kl_budget, mask, min_p)
     if any(a.method == "dera" for a in aligns) and ref_model is None:
         raise LinalignError("method 'dera' needs --ref-model")
     config = decode_config(
@@ -143,7 +152,7 @@ def generate(
     if not config.do_sample and any(v is not None for v in (top_p, top_k, seed)):
         console.print("note: --top-p, --top-k and --seed shape sampling only; without --temperature decoding is greedy")
     with console.status(f"loading {model}", spinner="dots"):
-        aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device, compile=compile)
+        aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device, backend=backend, compile=compile)
     results = {}
     for align in aligns:
         label = align.label
@@ -154,6 +163,51 @@ def generate(
                 print(json.dumps(g.to_dict(), ensure_ascii=False), flush=True)
     if not as_json:
         _show_side_by_side(console, [_title(p) for p in inputs], results)
+
+
+# Linear Alignment's quality options (docs/quality.md).
+KlBudgetOpt = Annotated[
+    float | None, typer.Option(help="Trust region: per token, the largest ratio <= --ratio within this KL (nats).")
+]
+RepeatGuardOpt = Annotated[int, typer.Option(help="Exclude tokens that would repeat an n-gram of the reply (0: off).")]
+MaskKindOpt = Annotated[str, typer.Option("--mask", help="Plausibility mask: top_p (paper), min_p or intersect.")]
+MinPOpt = Annotated[float, typer.Option("--min-p", help="Threshold of --mask min_p, relative to the top token.")]
+
+
+def _with_la_options(aligns: list, kl_budget: float | None, mask: str, min_p: float) -> list:
+    """Linear Alignment's own quality options set on its configs; the other methods stay as they are, so a
+    side-by-side comparison with prompting keeps working."""
+    if kl_budget is None and mask == "top_p":
+        return aligns
+    if not any(a.method == "la" for a in aligns):
+        raise LinalignError("--kl-budget and --mask act on Linear Alignment: add 'la' to --method")
+    options = {"kl_budget": kl_budget, "mask": mask, "plausibility_min_p": min_p}
+    return [replace(a, **options) if a.method == "la" else a for a in aligns]
+
+
+def _variants(kl_budgets: str | None, repeat_guards: str | None, masks: str | None, variant: list[str]) -> list[dict]:
+    """Quality-option variants for the eval sweep: one per listed value, and one per --variant, given as
+    'kl_budget=1,repeat_guard=3,mask=min_p,plausibility_min_p=0.05'."""
+    variants = [{"kl_budget": x} for x in _floats(kl_budgets or "", "--kl-budgets")]
+    variants += [{"repeat_guard": int(x)} for x in _floats(repeat_guards or "", "--repeat-guards")]
+    for m in (masks or "").split(","):
+        if m.strip():
+            kind, _, threshold = m.strip().partition(":")
+            variants.append({"mask": kind} | ({"plausibility_min_p": float(threshold)} if threshold else {}))
+    for text in variant:
+        options: dict = {}
+        for part in text.split(","):
+            key, _, value = part.partition("=")
+            key = key.strip()
+            if key not in ("kl_budget", "repeat_guard", "mask", "plausibility_min_p") or not value.strip():
+                raise LinalignError(
+                    f"--variant takes kl_budget=, repeat_guard=, mask= and plausibility_min_p=, got {part!r}"
+                )
+            options[key] = value.strip() if key == "mask" else _floats(value, "--variant")[0]
+            if key == "repeat_guard":
+                options[key] = int(options[key])
+        variants.append(options)
+    return variants
 
 
 def _title(prompt: str | Conversation) -> str:
@@ -234,6 +288,7 @@ def evaluate(
     ref_model: RefModelOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    backend: BackendOpt = "auto",
     max_new_tokens: MaxNewOpt = 64,
     plausibility_top_p: MaskOpt = 0.8,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
@@ -256,6 +311,15 @@ def evaluate(
     against: Annotated[str, typer.Option(help="Run every other run is judged against.")] = "prompt",
     reward_model: Annotated[str | None, typer.Option(help="Sequence-classification reward model.")] = None,
     out: Annotated[Path | None, typer.Option(help="Results directory (default runs/eval-SUITE).")] = None,
+    kl_budgets: Annotated[str | None, typer.Option(help="Trust-region budgets swept as la variants.")] = None,
+    repeat_guards: Annotated[str | None, typer.Option(help="Repeat-guard n-gram sizes swept as la variants.")] = None,
+    masks: Annotated[str | None, typer.Option(help="Mask kinds swept as la variants: min_p[:T],intersect.")] = None,
+    variant: Annotated[
+        list[str] | None, typer.Option(help="A combined la variant, e.g. 'kl_budget=1,repeat_guard=3'; repeatable.")
+    ] = None,
+    variant_ratios: Annotated[
+        str | None, typer.Option(help="Ratios the variants run at (default: --ratios), comma-separated.")
+    ] = None,
 ) -> None:
     """Evaluate methods and ratios on a suite; results stream to JSONL and a rerun resumes."""
     from linalign.engine import Aligner
@@ -279,7 +343,11 @@ def evaluate(
         temperature=temperature,
         extra_principles=list(extra_principle or []),
         extra_weights=list(extra_weight or []),
+        variants=_variants(kl_budgets, repeat_guards, masks, list(variant or [])),
+        variant_ratios=_floats(variant_ratios or "", "--variant-ratios"),
     )
+    if settings.variants and "la" not in settings.methods:
+        raise LinalignError("quality-option variants run Linear Alignment: add 'la' to --methods")
     if len(settings.extra_weights) != len(settings.extra_principles):
         raise LinalignError("give one --extra-weight for each --extra-principle")
     runs = settings.runs()  # validates methods and strengths before anything loads
@@ -292,9 +360,12 @@ def evaluate(
     out = out or Path("runs") / f"eval-{suite}"
     console = Console()
     with console.status(f"loading {model}", spinner="dots"):
-        aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device)
-        weight = next(aligner.main.model.parameters())
-        settings.kernel = describe(weight.device, weight.dtype)
+        aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device, backend=backend)
+        if aligner.main.backend == "llamacpp":
+            settings.kernel = "llamacpp"
+        else:
+            weight = next(aligner.main.model.parameters())
+            settings.kernel = describe(weight.device, weight.dtype)
         scorer = RewardModel(reward_model, device=device) if reward_model else None
     console.print(f"{len(tasks)} tasks x {len(runs)} runs -> {out}")
     records = run_eval(aligner, tasks, settings, out, batch_size=batch_size, fluency=fluency, reward_model=scorer)
@@ -319,6 +390,8 @@ def evaluate(
     for pair, j in judgments.items():
         console.print(f"judge {pair}: win rate {j['win_rate']}, {j['win']}/{j['loss']}/{j['tie']} win/loss/tie")
     plot = f", plot: {out / PLOT}" if (out / PLOT).exists() else " (a plot needs two or more ratios or lams)"
+    if (out / "pareto.png").exists():
+        plot += f", Pareto view: {out / 'pareto.png'}"
     console.print(f"report: {out / REPORT}{plot}")
 
 

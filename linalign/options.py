@@ -17,6 +17,9 @@ err_console = Console(stderr=True)
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face id, local directory or .gguf file.")]
 RefModelOpt = Annotated[str | None, typer.Option("--ref-model", help="DeRa's reference model (same vocabulary).")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")]
+BackendOpt = Annotated[
+    str, typer.Option(help="auto (llama.cpp for .gguf files when installed), transformers or llamacpp.")
+]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto (device_map='auto').")]
 CompileOpt = Annotated[
     bool,

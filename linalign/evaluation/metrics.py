@@ -51,7 +51,7 @@ def perplexities(
         pairs = list(zip(contexts[start : start + batch_size], outputs[start : start + batch_size], strict=True))
         ids, mask, positions = left_padded([list(c) + list(o) for c, o in pairs], pad, device)
         width = ids.shape[1]
-        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+        logits = loaded.scoring_model()(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
         for i, (_, o) in enumerate(pairs):
             if not o:

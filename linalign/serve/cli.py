@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from linalign.options import CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, RefModelOpt, exits_cleanly
+from linalign.options import BackendOpt, CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, RefModelOpt, exits_cleanly
 
 HostOpt = Annotated[str, typer.Option(help="Interface to bind; the default keeps the server on this machine.")]
 PortOpt = Annotated[int, typer.Option(help="TCP port.")]
@@ -24,6 +24,7 @@ def serve(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     compile: CompileOpt = False,
+    backend: BackendOpt = "auto",
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
     api_key: ApiKeyOpt = None,
@@ -52,7 +53,7 @@ def serve(
 
     console = Console(stderr=True)
     with console.status(f"loading {model}", spinner="dots"):
-        aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device, compile=compile)
+        aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device, backend=backend, compile=compile)
     app = create_app(
         aligner,
         api_key=api_key,
