@@ -111,6 +111,9 @@ def test_n_copies_need_sampling(client):
     assert 2 <= reply.usage.completion_tokens <= 16
     again = ask(client, max_tokens=8, n=2, temperature=1.0, seed=7)
     assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    assert reply.choices[0].message.content != reply.choices[1].message.content  # copy c samples with seed + c
+    shifted = ask(client, max_tokens=8, n=1, temperature=1.0, seed=8)
+    assert shifted.choices[0].message.content == reply.choices[1].message.content
     with pytest.raises(openai.BadRequestError) as err:
         ask(client, max_tokens=8, n=2)
     assert err.value.body["param"] == "n" and "temperature" in err.value.body["message"]

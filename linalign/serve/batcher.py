@@ -120,7 +120,7 @@ class Batcher:
         max_batch: int = 16,
         window: float = 0.02,
         max_queue: int = 256,
-        max_prefill_tokens: int = 2048,
+        max_prefill_tokens: int = 512,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.aligner, self.max_batch, self.window = aligner, max_batch, window
