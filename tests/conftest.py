@@ -68,3 +68,10 @@ def tokenizer():
     from linalign.models import _dequantised, builtin_gguf
 
     return AutoTokenizer.from_pretrained(_dequantised(builtin_gguf()))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that loads the real built-in model is `slow` (`-m "not slow"` runs the fast ones)."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
