@@ -51,13 +51,13 @@ def make_tiny(tokenizer, seed: int, path) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def tiny(smollm2, tmp_path_factory) -> LoadedModel:
-    return make_tiny(smollm2.tokenizer, 0, tmp_path_factory.mktemp("tiny0"))
+def tiny(tokenizer, tmp_path_factory) -> LoadedModel:
+    return make_tiny(tokenizer, 0, tmp_path_factory.mktemp("tiny0"))
 
 
 @pytest.fixture(scope="session")
-def tiny_other(smollm2, tmp_path_factory) -> LoadedModel:
-    return make_tiny(smollm2.tokenizer, 1, tmp_path_factory.mktemp("tiny1"))
+def tiny_other(tokenizer, tmp_path_factory) -> LoadedModel:
+    return make_tiny(tokenizer, 1, tmp_path_factory.mktemp("tiny1"))
 
 
 @pytest.fixture(scope="session")
