@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from linalign.backends import compiled
 from linalign.bench import run_benchmark
 
 METHODS = (
@@ -54,6 +55,13 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path("runs"))
+    parser.add_argument(
+        "--static-shapes",
+        action="store_true",
+        help="Compile every (rows, length) for its own shape; by default sizes are symbolic from the start, so each "
+        "model compiles once (CUDA graphs are recorded per shape either way).",
+    )
+    parser.add_argument("--compile-mode", default=compiled.CUDA_MODE, help="torch.compile's mode on CUDA.")
     return parser.parse_args(argv)
 
 
@@ -90,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device here; pass --device cpu for a (slow) check of the script", file=sys.stderr)
         return 2
+    compiled.DYNAMIC = not args.static_shapes
+    compiled.CUDA_MODE = args.compile_mode
     started = time.perf_counter()
     reports: list[dict] = []
     batches = tuple(int(b) for b in args.batches.split(","))
@@ -112,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         report["seconds"] = round(time.perf_counter() - t0, 1)
         report["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
         report["torch"] = torch.__version__
+        report["compile"] = {"mode": args.compile_mode, "dynamic": compiled.DYNAMIC}
         reports.append(report)
         _release()
         args.out.mkdir(parents=True, exist_ok=True)

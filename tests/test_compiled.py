@@ -157,3 +157,12 @@ def test_compiled_equals_eager_on_the_builtin_model(smollm2):
     expected = tokens(Aligner(smollm2), align, lengths=(6, 24, 12))
     assert tokens(Aligner(smollm2, compile=True), align, lengths=(6, 24, 12)) == expected
     assert not smollm2.compiled.eager
+
+
+def test_symbolic_sizes_from_the_start_equal_eager(eager, tiny, monkeypatch):
+    """The GPU benchmark compiles with symbolic sizes from the first call (one compilation per model)."""
+    monkeypatch.setattr(compiled_module, "DYNAMIC", True)
+    aligner = Aligner(replace(tiny, compiled=None), compile=True)
+    for align in (AlignConfig(method="la", principles=[PRINCIPLE]), AlignConfig(method="base")):
+        assert tokens(aligner, align) == tokens(eager, align)
+    assert not aligner.main.compiled.eager

@@ -44,6 +44,7 @@ CUDA_MODE = "reduce-overhead"  # torch.compile's mode on CUDA: inductor kernels 
 # None: each (rows, length) is compiled for its own shape until a second one is seen, after which one graph with
 # symbolic sizes serves them all (CUDA graphs are still recorded per shape) - two compilations, not one per batch.
 DYNAMIC: bool | None = None
+COMPACT_EVERY: int | None = None  # default of `CompiledBackend(compact_every=...)`: finished rows stay, masked
 
 # Every (model, rows, length) is its own graph of the same code object; the default limit of 8 would silently
 # send a benchmark over two models and three batch sizes back to eager.
@@ -141,7 +142,8 @@ class CompiledBackend:
     """Rows of one model in a static cache, stepped by the compiled forward (see the module docstring)."""
 
     def __init__(self, compiled: CompiledModel, capacity: int | None = None, compact_every: int | None = None) -> None:
-        self.compiled, self.capacity, self.compact_every = compiled, capacity, compact_every
+        self.compiled, self.capacity = compiled, capacity
+        self.compact_every = compact_every if compact_every is not None else COMPACT_EVERY
         self.device = compiled.device
         self.cache: StaticCache | None = None
         self.length = 0  # tokens written per row (the cache's cumulative length, kept on the host)
