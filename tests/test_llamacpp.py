@@ -1,0 +1,222 @@
+"""The llama.cpp backend against independent references: uncached evaluations, llama.cpp's own greedy decoding,
+one prompt at a time, llama.cpp's own tokenizer; and the bookkeeping of its KV cells."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.slow  # runs the real built-in model (through llama.cpp)
+
+from linalign.backends.gguf_random import random_llama_gguf  # noqa: E402
+from linalign.backends.llamacpp import LlamaCppModel  # noqa: E402
+from linalign.errors import LinalignError  # noqa: E402
+from linalign.models import builtin_gguf  # noqa: E402
+from linalign.prompts import build_ids, with_system  # noqa: E402
+
+PRINCIPLE = "Answer in lowercase letters only. Never use capital letters."
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three famous scientists.",
+    "Why is the sky blue?",
+    "Give me a tip for sleeping better.",
+]
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaCppModel:
+    """Passes of at most 32 tokens: every attention runs llama.cpp's decode-step kernel, so the comparisons below
+    are exact, token for token and bit for bit (from 64 tokens in a pass a tiled kernel moves logits by ~1)."""
+    return LlamaCppModel(builtin_gguf(), ubatch=32)
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer) -> list[tuple[list[int], list[int]]]:
+    return [(build_ids(tokenizer, q, PRINCIPLE), build_ids(tokenizer, q)) for q in QUESTIONS]
+
+
+def la_choice(l_p: torch.Tensor, l_0: torch.Tensor, ratio: float, top_p: float = 0.8) -> torch.Tensor:
+    """The authors' greedy choice: argmax of `l_p + r (l_p - l_0)` within the top-p nucleus of softmax(l_p)."""
+    combined = (1 + ratio) * l_p - ratio * l_0
+    probs, order = torch.softmax(l_p, dim=-1).sort(dim=-1, descending=True)
+    keep = (probs.cumsum(dim=-1) - probs) < top_p
+    keep[..., 0] = True
+    mask = torch.zeros_like(keep).scatter(-1, order, keep)
+    return combined.masked_fill(~mask, float("-inf")).argmax(dim=-1)
+
+
+def la_cached(model: LlamaCppModel, pairs, ratio: float, n: int = NEW_TOKENS) -> list[list[int]]:
+    """Linear Alignment on one backend: rows 2i / 2i+1 are prompt i with / without the principle; finished
+    prompts leave the batch (their rows are dropped with `keep`)."""
+    backend = model.open(sum(len(p) + len(q) + 2 * n for p, q in pairs))
+    logits = backend.add([ids for pair in pairs for ids in pair])
+    alive, out = list(range(len(pairs))), [[] for _ in pairs]
+    for _ in range(n):
+        chosen = la_choice(logits[0::2], logits[1::2], ratio)
+        for i, token in zip(alive, chosen.tolist(), strict=True):
+            out[i].append(token)
+        going = [j for j, token in enumerate(chosen.tolist()) if token not in model.eos_ids]
+        if len(going) < len(alive):
+            backend.keep(torch.tensor([2 * j + c for j in going for c in (0, 1)], dtype=torch.long))
+            alive, chosen = [alive[j] for j in going], chosen[going]
+        if not alive:
+            break
+        logits = backend.step(chosen.repeat_interleave(2))
+    return out
+
+
+def uncached_logits(model: LlamaCppModel, ids: list[int]) -> torch.Tensor:
+    """Next-token logits of `ids` from a fresh backend: the whole sequence evaluated from scratch."""
+    backend = model.open(len(ids))
+    try:
+        return backend.add([ids])[0]
+    finally:
+        backend.close()
+
+
+def la_uncached(model: LlamaCppModel, principled: list[int], plain: list[int], ratio: float) -> list[int]:
+    """The authors' reference loop: two separate uncached evaluations per token."""
+    out: list[int] = []
+    for _ in range(NEW_TOKENS):
+        l_p, l_0 = uncached_logits(model, principled + out), uncached_logits(model, plain + out)
+        token = int(la_choice(l_p[None], l_0[None], ratio)[0])
+        out.append(token)
+        if token in model.eos_ids:
+            break
+    return out
+
+
+def test_model_properties(model):
+    assert model.vocab_size == 49152
+    assert model.context_length == 8192
+    assert model.device == torch.device("cpu")
+    assert 2 in model.eos_ids  # <|im_end|>
+    assert model.threads >= 1
+
+
+@pytest.mark.parametrize("system", [None, "You are a pirate."])
+def test_llama_tokenizer_matches_hugging_face(model, tokenizer, system):
+    for question, principle in [(QUESTIONS[0], None), (QUESTIONS[1], PRINCIPLE), ("Hi!\nHow are you? 🙂", None)]:
+        ids = build_ids(tokenizer, question, principle, system=system)
+        messages = with_system([{"role": "user", "content": question}], system, principle)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert model.tokenize(text) == ids
+
+
+def test_linear_alignment_equals_uncached_reference(model, pairs):
+    cached = la_cached(model, pairs[:2], ratio=2.0)
+    for (principled, plain), tokens in zip(pairs[:2], cached, strict=True):
+        assert tokens == la_uncached(model, principled, plain, ratio=2.0)
+
+
+def test_ratio_zero_equals_llama_cpp_greedy(model, pairs):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(builtin_gguf()), n_ctx=512, n_threads=model.threads, verbose=False)
+    for principled, _ in pairs[:2]:
+        ours = la_cached(model, [(principled, principled)], ratio=0.0)[0]
+        theirs = []
+        for token in llm.generate(principled, top_k=1, temp=0.0, reset=True):
+            theirs.append(token)
+            if token in model.eos_ids or len(theirs) == NEW_TOKENS:
+                break
+        assert ours == theirs
+
+
+def test_batched_equals_one_at_a_time(model, pairs):
+    together = la_cached(model, pairs, ratio=2.0)
+    assert together == [la_cached(model, [pair], ratio=2.0)[0] for pair in pairs]
+
+
+def test_batched_logits_equal_single_rows(model, pairs):
+    backend = model.open(sum(len(p) + len(q) for p, q in pairs))
+    together = backend.add([ids for pair in pairs for ids in pair])
+    alone = torch.stack([uncached_logits(model, ids) for pair in pairs for ids in pair])
+    assert torch.equal(together, alone)
+
+
+def test_large_passes_change_logits_only_by_kernel_noise(model, pairs):
+    """The default (512-token passes) prefills batches with the tiled attention kernel: close, not equal."""
+    fast = LlamaCppModel(builtin_gguf())
+    ids = [ids for pair in pairs for ids in pair]
+    tiled = fast.open(sum(map(len, ids))).add(ids)
+    exact = model.open(sum(map(len, ids))).add(ids)
+    assert (tiled - exact).abs().max() < 2.0
+    assert torch.equal(tiled.argmax(dim=-1), exact.argmax(dim=-1))
+
+
+def test_keep_frees_cells_for_a_long_run(model, pairs):
+    principled, plain = pairs[0]
+    backend = model.open(2 * (len(principled) + 4))  # room for one prompt pair at a time, never four
+    assert backend.n_ctx < 4 * (len(principled) + len(plain) + 8)
+    first = None
+    for cycle in range(12):
+        logits = backend.add([principled, plain])
+        for _ in range(4):
+            token = logits[0].argmax()
+            logits = backend.step(torch.stack([token, token]))
+        first = first if first is not None else logits
+        assert torch.equal(logits, first)  # freed cells leave nothing the next rows could see
+        backend.keep(torch.tensor([], dtype=torch.long))
+        assert backend.rows == 0 and backend.used == 0, cycle
+
+
+def test_keep_keeps_the_right_rows(model, pairs):
+    (p0, q0), (p1, q1) = pairs[:2]
+    backend = model.open(len(p0) + len(q0) + len(p1) + len(q1) + 8)
+    backend.add([p0, q0, p1, q1])
+    backend.keep(torch.tensor([1, 2]))
+    token = torch.tensor([42, 42])
+    kept = backend.step(token)
+    assert torch.equal(kept[0], uncached_logits(model, q0 + [42]))
+    assert torch.equal(kept[1], uncached_logits(model, p1 + [42]))
+    again = backend.add([p0])  # reuses a freed sequence id
+    assert torch.equal(again[0], uncached_logits(model, p0))
+
+
+def test_rows_after_released_cells_stay_within_kernel_noise(model, pairs):
+    """Adding rows releases dropped rows' cells; new tokens then land in the holes, out of cell order, and
+    llama.cpp's reordered attention sum moves logits slightly (not bit for bit, unlike the other tests)."""
+    (p0, q0), (p1, q1), (p2, _) = pairs[:3]
+    backend = model.open(256)
+    backend.add([p0, q0, p1, q1])
+    backend.keep(torch.tensor([2, 3]))
+    backend.add([p2])
+    logits = backend.step(torch.tensor([13, 13, 13]))[:2]
+    histories = [p1 + [13], q1 + [13]]
+    for _ in range(6):
+        chosen = logits.argmax(dim=-1)
+        histories = [h + [int(t)] for h, t in zip(histories, chosen, strict=True)]
+        logits = backend.step(torch.cat([chosen, chosen[:1]]))[:2]
+    reference = torch.stack([uncached_logits(model, h) for h in histories])
+    assert (logits - reference).abs().max() < 2.0
+    assert torch.equal(logits.argmax(dim=-1), reference.argmax(dim=-1))
+
+
+def test_prompts_that_do_not_fit_raise(model, pairs):
+    principled, _ = pairs[0]
+    backend = model.open(256)  # llama.cpp rounds n_ctx up to a multiple of 256
+    with pytest.raises(LinalignError, match="do not fit"):
+        backend.add([principled * 20])
+    with pytest.raises(LinalignError, match="no tokens"):
+        backend.add([[]])
+    backend.add([[1] * 255])
+    backend.step(torch.tensor([1]))
+    with pytest.raises(LinalignError, match="outgrew"):
+        backend.step(torch.tensor([1]))
+    assert model.open(3000).n_ctx >= 3000  # sized from the request, not a fixed default
+
+
+def test_random_gguf_loads_and_decodes(tmp_path, tokenizer):
+    path = random_llama_gguf(tmp_path / "tiny.gguf", hidden=64, layers=2)
+    tiny = LlamaCppModel(path)
+    assert tiny.vocab_size == 49152 and tiny.context_length == 8192
+    ids = build_ids(tokenizer, QUESTIONS[0])
+    assert tiny.tokenize(tokenizer.decode(ids)) == ids  # the copied vocabulary is the built-in one
+    backend = tiny.open(2 * len(ids) + 4)
+    logits = backend.add([ids, ids])
+    logits = backend.step(logits.argmax(dim=-1))
+    assert logits.shape == (2, 49152) and torch.isfinite(logits).all()
+    assert torch.allclose(logits[0], logits[1], atol=1e-3)
