@@ -55,3 +55,59 @@ def apply_mask(logits: torch.Tensor, mask: torch.Tensor, fallback: torch.Tensor)
     if empty.any():
         masked = torch.where(empty, fallback.float().masked_fill(~mask, float("-inf")), masked)
     return masked
+
+
+def min_p_mask(
+    anchor_logits: torch.Tensor, min_p: torch.Tensor | float, temperature: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """Tokens whose probability under `softmax(anchor / T)` is at least `min_p` times the top token's
+    (Nguyen et al. 2024, min-p sampling): a cut that scales with the model's confidence."""
+    logits = anchor_logits.float() / _per_row(temperature, anchor_logits)
+    top = logits.max(dim=-1, keepdim=True).values
+    return logits >= top + torch.log(_per_row(min_p, anchor_logits))
+
+
+def intersect_mask(
+    anchor_logits: torch.Tensor,
+    plain_logits: torch.Tensor,
+    top_p: torch.Tensor | float,
+    temperature: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """The anchor's nucleus within the plain distribution's nucleus (both at `top_p`): a token must be
+    plausible with and without the principle; the anchor's top token is always kept."""
+    mask = plausibility_mask(anchor_logits, top_p, temperature) & plausibility_mask(plain_logits, top_p, temperature)
+    return mask.scatter(-1, anchor_logits.argmax(dim=-1, keepdim=True), True)
+
+
+TRUST_GRID = 64  # the trust region's fractions of the contrast: 0, 1/64, ..., 1
+
+
+def trust_region(
+    combined: torch.Tensor,
+    anchor: torch.Tensor,
+    mask: torch.Tensor,
+    budget: torch.Tensor | float,
+    temperature: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """`anchor + s (combined - anchor)` per row, with `s` the largest of 0, 1/64, ..., 1 such that every grid
+    point up to it keeps `KL(softmax(x / T) || softmax(anchor / T)) <= budget` on the tokens of `mask`.
+
+    With one principle this is Linear Alignment at `r_t = s r`. The KL grows with `s` (its derivative is
+    `s` times a variance), so the first grid point over budget ends the search; all 65 points are evaluated
+    at once on the gathered support, which is a few dozen tokens, so the cost is one small tensor op.
+    """
+    t = _per_row(temperature, combined)
+    a, d = anchor.float() / t, (combined - anchor.float()) / t
+    width = max(int(mask.sum(dim=-1).max()), 1)
+    support = mask.to(torch.uint8).topk(width, dim=-1).indices
+    valid = mask.gather(-1, support)
+    a_s = a.gather(-1, support).masked_fill(~valid, float("-inf"))
+    d_s = d.gather(-1, support).masked_fill(~valid, 0.0)
+    grid = torch.linspace(0.0, 1.0, TRUST_GRID + 1, device=combined.device)
+    points = a_s[:, None, :] + grid[None, :, None] * d_s[:, None, :]
+    logp = torch.log_softmax(points, dim=-1)
+    logq = torch.log_softmax(a_s, dim=-1)[:, None, :]
+    kl = torch.where(valid[:, None, :], logp.exp() * (logp - logq), 0.0).sum(dim=-1)
+    within = (kl <= _per_row(budget, combined)).cumprod(dim=-1)
+    s = grid[(within.sum(dim=-1) - 1).clamp(min=0)][:, None]
+    return torch.where(s == 1.0, combined, anchor.float() + s * (combined - anchor.float()))

@@ -18,6 +18,7 @@ from linalign.amulet import amulet_weights
 from linalign.errors import LinalignError
 
 METHODS = ("base", "prompt", "la", "dera", "amulet")
+MASKS = ("top_p", "min_p", "intersect")
 MAX_SEED = 2**63
 
 
@@ -103,6 +104,19 @@ class AlignConfig:
       (`amulet_iterations`, learning rate `amulet_eta`, reward scale `amulet_alpha`, multiplier `amulet_lambda`;
       the authors' defaults).
 
+    Options that trade compliance for fluent text (docs/quality.md); their defaults are the paper's recipe:
+
+    - `kl_budget`: a per-token trust region. Each token uses the largest fraction `s` (on a grid of 1/64) of
+      the contrast, `l_p + s (l - l_p)`, whose distribution stays within `kl_budget` nats of the principled
+      one, `KL(pi_s || pi_p) <= kl_budget` on the mask's support: full strength where the principle and the
+      text agree, less where it would break the sentence. Linear Alignment only.
+    - `repeat_guard`: n; a token that would repeat an n-gram the reply already contains is excluded from the
+      aligned choice (0: off), so greedy decoding cannot loop.
+    - `mask`: the plausibility mask's kind: "top_p" (the paper: the principled distribution's nucleus at
+      `plausibility_top_p`), "min_p" (tokens with at least `plausibility_min_p` times the principled
+      distribution's top probability) or "intersect" (the principled nucleus within the plain
+      distribution's nucleus, the principled top token always kept).
+
     Principles must not be blank: a blank one is an error wherever it comes from.
     """
 
@@ -116,6 +130,10 @@ class AlignConfig:
     amulet_eta: float = 10.0
     amulet_alpha: float = 2.0
     amulet_lambda: float = 2.0
+    kl_budget: float | None = None
+    repeat_guard: int = 0
+    mask: str = "top_p"
+    plausibility_min_p: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -151,6 +169,46 @@ class AlignConfig:
             _finite(name, value)
             if value <= 0:
                 raise LinalignError(f"{name} must be > 0, got {value!r}")
+        self._check_quality_options()
+
+    def _check_quality_options(self) -> None:
+        if self.kl_budget is not None:
+            _finite("kl_budget", self.kl_budget)
+            if self.kl_budget <= 0:
+                raise LinalignError(
+                    f"kl_budget must be > 0 (nats; leave it unset for a fixed ratio), got {self.kl_budget!r}"
+                )
+            if self.method != "la":
+                raise LinalignError(f"kl_budget applies to Linear Alignment (method 'la'), not {self.method!r}")
+        _integer("repeat_guard", self.repeat_guard, 0)
+        if self.repeat_guard == 1:
+            raise LinalignError("repeat_guard must be 0 (off) or an n-gram size >= 2, got 1")
+        if self.mask not in MASKS:
+            raise LinalignError(f"unknown mask {self.mask!r}; choose one of {', '.join(MASKS)}")
+        _finite("plausibility_min_p", self.plausibility_min_p)
+        if not 0 < self.plausibility_min_p <= 1:
+            raise LinalignError(f"plausibility_min_p must be in (0, 1], got {self.plausibility_min_p!r}")
+        if self.mask != "top_p" and not self.mask_enabled:
+            raise LinalignError(
+                f"mask {self.mask!r} contradicts plausibility_top_p={self.plausibility_top_p!r}, which turns the "
+                "mask off; give a plausibility_top_p in (0, 1) or leave the mask at 'top_p'"
+            )
+        if self.mask == "intersect" and self.method != "la":
+            raise LinalignError(f"mask 'intersect' needs the plain context of Linear Alignment, not {self.method!r}")
+
+    @property
+    def quality_options(self) -> dict[str, float | int | str]:
+        """The quality options set away from the paper's recipe, for labels and records."""
+        options: dict[str, float | int | str] = {}
+        if self.kl_budget is not None:
+            options["kl"] = self.kl_budget
+        if self.repeat_guard:
+            options["guard"] = self.repeat_guard
+        if self.mask == "min_p":
+            options["mask"] = f"min_p{self.plausibility_min_p:g}"
+        elif self.mask != "top_p":
+            options["mask"] = self.mask
+        return options
 
     def resolved_weights(self) -> list[float]:
         """Each principle's coefficient `c_i = w_i (1 + ratio)` in Linear Alignment."""
@@ -183,6 +241,7 @@ class AlignConfig:
             f"{k}=" + (",".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}")
             for k, v in self.strength.items()
         ]
+        parts += [f"{k}={v:g}" if not isinstance(v, str) else f"{k}={v}" for k, v in self.quality_options.items()]
         return " ".join([self.method, *parts])
 
     @property

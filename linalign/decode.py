@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from linalign.backends import Backend
 from linalign.config import DecodeConfig
 from linalign.methods import Plan
-from linalign.step import choose, logits_processors, masked_scores, sampling_warpers
+from linalign.step import RepeatGuard, choose, logits_processors, masked_scores, sampling_warpers, shaped_scores
 from linalign.text import TextStream
 
 
@@ -79,6 +79,7 @@ class _Sequence:
     new_tokens: int = 0
     cancelled: bool = False
     done: bool = False  # finished, its rows kept only because a backend cannot drop rows
+    guard: RepeatGuard | None = None  # the reply's n-grams, where the plan has a repeat guard
 
     @property
     def config(self) -> DecodeConfig:
@@ -154,6 +155,7 @@ class Decoder:
                 weights=weights,
                 anchor=where[prepared.plan.anchor],
                 plain=where[plain] if plain is not None else None,
+                guard=RepeatGuard(prepared.plan.repeat_guard) if prepared.plan.repeat_guard else None,
             )
             for m, model_contexts in contexts.items():
                 seq.first[m] = self.rows[m] + len(prompts[m])
@@ -259,9 +261,13 @@ class Decoder:
             if processors:  # on the sequence's own, unpadded history
                 scores[i : i + 1] = processors(s.history, scores[i : i + 1])
                 anchor[i : i + 1] = processors(s.history, anchor[i : i + 1].clone())
-        top_p = [s.prepared.plan.mask_top_p or 0.0 for s in self.sequences]
         temperature = [s.config.mask_temperature for s in self.sequences]
-        scores = masked_scores(scores, anchor, top_p if any(top_p) else None, temperature)
+        plans = [s.prepared.plan for s in self.sequences]
+        if any(p.shaped for p in plans):
+            scores = self._shaped(scores, anchor, plans, temperature)
+        else:
+            top_p = [p.mask_top_p or 0.0 for p in plans]
+            scores = masked_scores(scores, anchor, top_p if any(top_p) else None, temperature)
         aligned = scores.clone() if any(s.config.logprobs is not None for s in self.sequences) else None
         for i, s in enumerate(self.sequences):
             warpers = sampling_warpers(s.config)
@@ -270,9 +276,20 @@ class Decoder:
         chosen = choose(scores, [s.config.do_sample for s in self.sequences], [s.generator for s in self.sequences])
         for i, s in enumerate(self.sequences):
             s.history = torch.cat([s.history, chosen[i : i + 1, None]], dim=1)
+            if s.guard is not None:
+                s.guard.push(int(chosen[i]))
         if aligned is None:
             return chosen, [None] * len(self.sequences)
         return chosen, self._logprobs(aligned, anchor, chosen)
+
+    def _shaped(
+        self, scores: torch.Tensor, anchor: torch.Tensor, plans: list[Plan], temperature: list[float]
+    ) -> torch.Tensor:
+        """The step under the plans' quality options (`linalign.step.shaped_scores`)."""
+        intersect = any(p.mask_kind == "intersect" and p.mask_top_p for p in plans)
+        plain = self._context_logits([s.plain for s in self.sequences]) if intersect else None
+        banned = [s.guard.banned() if s.guard is not None else set() for s in self.sequences]
+        return shaped_scores(scores, anchor, plain, plans, temperature, banned)
 
     def _logprobs(self, aligned: torch.Tensor, anchor: torch.Tensor, chosen: torch.Tensor) -> list[TopLogprobs | None]:
         """The chosen token's log-probability and the top alternatives under the aligned, principled and plain

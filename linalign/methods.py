@@ -7,7 +7,7 @@ kept from the anchor's distribution (Linear Alignment's mask; `None`: no mask).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from linalign.config import AlignConfig
 
@@ -29,6 +29,17 @@ class Plan:
     # its distribution gives the plausibility mask and the fallback when the mask leaves nothing.
     anchor: int = 0
     mask_top_p: float | None = None
+    # Quality options (AlignConfig): the mask's kind and min-p threshold, the trust region's KL budget, the
+    # repeat guard's n-gram size; the defaults leave the paper's step untouched.
+    mask_kind: str = "top_p"
+    mask_min_p: float = 0.1
+    kl_budget: float | None = None
+    repeat_guard: int = 0
+
+    @property
+    def shaped(self) -> bool:
+        """Whether any quality option acts on this plan's step."""
+        return self.mask_kind != "top_p" or self.kl_budget is not None or self.repeat_guard > 0
 
     @property
     def models(self) -> tuple[int, ...]:
@@ -59,6 +70,11 @@ def _la_terms(config: AlignConfig) -> tuple[list[Term], int]:
 
 def make_plan(config: AlignConfig) -> Plan:
     """Translate an `AlignConfig` into the terms the decode loop evaluates."""
+    # The repeat guard acts on any method's choice, so prompting can be compared with it too.
+    return replace(_plan(config), repeat_guard=config.repeat_guard)
+
+
+def _plan(config: AlignConfig) -> Plan:
     # Plain prompting (and DeRa's shared context) puts every principle in the one system message.
     principle = "\n\n".join(p for p in config.principles if p.strip()) or None
     if config.method == "base":
@@ -73,4 +89,11 @@ def make_plan(config: AlignConfig) -> Plan:
         terms = [t for t in (Term(0, principle, a), Term(0, None, b)) if t.weight != 0]
         return Plan(tuple(terms))
     terms, anchor = _la_terms(config)
-    return Plan(tuple(terms), anchor, config.plausibility_top_p if config.mask_enabled else None)
+    return Plan(
+        tuple(terms),
+        anchor,
+        config.plausibility_top_p if config.mask_enabled else None,
+        mask_kind=config.mask,
+        mask_min_p=config.plausibility_min_p,
+        kl_budget=config.kl_budget,
+    )

@@ -19,8 +19,16 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from linalign.combine import apply_mask, linear_combination, plausibility_mask
+from linalign.combine import (
+    apply_mask,
+    intersect_mask,
+    linear_combination,
+    min_p_mask,
+    plausibility_mask,
+    trust_region,
+)
 from linalign.config import DecodeConfig
+from linalign.methods import Plan
 
 
 def logits_processors(config: DecodeConfig, eos_ids: list[int], prompt_length: int) -> LogitsProcessorList:
@@ -92,3 +100,76 @@ def aligned_scores(
     batch of rows that share it (the logits processor's and the benchmark's form of the step)."""
     combined = linear_combination(term_logits, weights)
     return masked_scores(combined, term_logits[anchor].float(), top_p, temperature)
+
+
+class RepeatGuard:
+    """The n-grams a reply already holds, kept as it grows, so the tokens that would repeat one are known
+    in O(1) per step: `(n-1)`-gram -> the tokens that followed it."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.tokens = n, []
+        self.seen: dict[tuple[int, ...], set[int]] = {}
+
+    def push(self, token: int) -> None:
+        self.tokens.append(token)
+        if len(self.tokens) >= self.n:
+            self.seen.setdefault(tuple(self.tokens[-self.n : -1]), set()).add(token)
+
+    def banned(self) -> set[int]:
+        """Tokens that would complete an n-gram the reply already contains."""
+        if len(self.tokens) < self.n - 1:
+            return set()
+        return self.seen.get(tuple(self.tokens[len(self.tokens) - self.n + 1 :]), set())
+
+
+def plan_masks(
+    anchor: torch.Tensor, plain: torch.Tensor | None, plans: Sequence[Plan], temperature: Sequence[float]
+) -> torch.Tensor:
+    """Each row's plausibility mask by its plan's kind (all True where the plan has no mask)."""
+    mask = torch.ones_like(anchor, dtype=torch.bool)
+    temperatures = torch.tensor(temperature, dtype=torch.float32, device=anchor.device)
+    for kind in {p.mask_kind for p in plans if p.mask_top_p}:
+        rows = [i for i, p in enumerate(plans) if p.mask_top_p and p.mask_kind == kind]
+        index = torch.tensor(rows, device=anchor.device)
+        t = temperatures[index]
+        if kind == "min_p":
+            mask[index] = min_p_mask(anchor[index], [plans[i].mask_min_p for i in rows], t)
+        elif kind == "intersect" and plain is not None:
+            mask[index] = intersect_mask(anchor[index], plain[index], [plans[i].mask_top_p for i in rows], t)
+        else:
+            mask[index] = plausibility_mask(anchor[index], [plans[i].mask_top_p for i in rows], t)
+    return mask
+
+
+def ban(logits: torch.Tensor, banned: Sequence[set[int]]) -> torch.Tensor:
+    """`logits` with each row's `banned` tokens at -inf (a copy where any is banned)."""
+    pairs = [(i, token) for i, tokens in enumerate(banned) for token in tokens]
+    if not pairs:
+        return logits
+    rows, tokens = zip(*pairs, strict=True)
+    logits = logits.clone()
+    logits[list(rows), list(tokens)] = float("-inf")
+    return logits
+
+
+def shaped_scores(
+    combined: torch.Tensor,
+    anchor: torch.Tensor,
+    plain: torch.Tensor | None,
+    plans: Sequence[Plan],
+    temperature: Sequence[float],
+    banned: Sequence[set[int]],
+) -> torch.Tensor:
+    """The step with the quality options of each row's plan: tokens that would repeat an n-gram (`banned`)
+    leave every distribution, then each row's kind of mask, the trust region on the contrast (`kl_budget`),
+    and the mask with the anchor's fallback. With the paper's options it equals `masked_scores`."""
+    combined, anchor = ban(combined, banned), ban(anchor, banned)
+    plain = ban(plain, banned) if plain is not None else None
+    mask = plan_masks(anchor, plain, plans, temperature)
+    trusted = [i for i, p in enumerate(plans) if p.kl_budget is not None]
+    if trusted:
+        rows = torch.tensor(trusted, device=combined.device)
+        budgets = [plans[i].kl_budget for i in trusted]
+        t = [temperature[i] for i in trusted]
+        combined[rows] = trust_region(combined[rows], anchor[rows], mask[rows], budgets, t)
+    return apply_mask(combined, mask, fallback=anchor)

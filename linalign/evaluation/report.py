@@ -7,7 +7,10 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-SUMMARY, REPORT, PLOT = "summary.json", "report.md", "sweep.png"
+from linalign.evaluation import pareto
+
+SUMMARY, REPORT, PLOT, PARETO_PLOT = "summary.json", "report.md", "sweep.png", "pareto.png"
+OPTION_KEYS = ("kl", "guard", "mask")  # Linear Alignment's quality options, as records name them
 
 
 def _mean(values: list) -> float | None:
@@ -34,6 +37,7 @@ def summarise(records: list[dict], judgments: dict | None = None) -> dict:
             "method": rows[0]["method"],
             "ratio": rows[0].get("ratio"),
             "lam": rows[0].get("lam"),
+            "options": {k: rows[0][k] for k in OPTION_KEYS if rows[0].get(k) is not None},
             "n": len(rows),
             "score": _mean([r["score"] for r in rows]),
             "by_group": {g: _mean(s) for g, s in sorted(groups.items())},
@@ -88,7 +92,10 @@ def plot_sweep(summary: dict, path: Path, title: str) -> bool:
 
     runs = summary["runs"].values()
     series = {
-        m: sorted((r[k], r) for r in runs if r["method"] == m and r[k] is not None)
+        m: sorted(
+            ((r[k], r) for r in runs if r["method"] == m and r[k] is not None and not r.get("options")),
+            key=lambda point: point[0],
+        )
         for m, k in (("la", "ratio"), ("dera", "lam"))
     }
     series = {m: s for m, s in series.items() if len(s) > 1}
@@ -117,8 +124,14 @@ def plot_sweep(summary: dict, path: Path, title: str) -> bool:
 
 
 def write_reports(out: Path, records: list[dict], title: str, judgments: dict | None = None) -> dict:
+    """summary.json, report.md (with the Pareto view where runs have scores), sweep.png and pareto.png."""
     summary = summarise(records, judgments)
+    text = markdown(summary, title)
+    if any(s["score"] is not None for s in summary["runs"].values()):
+        summary["pareto"] = pareto.pareto(records, summary["runs"])
+        text += "\n".join(pareto.markdown(summary["pareto"])) + "\n"
+        pareto.plot(summary["pareto"], out / PARETO_PLOT, title)
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    (out / REPORT).write_text(markdown(summary, title))
+    (out / REPORT).write_text(text)
     plot_sweep(summary, out / PLOT, title)
     return summary

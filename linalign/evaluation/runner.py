@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -46,9 +46,22 @@ class EvalSettings:
 
     # Which matrix-product form decode steps used (linalign.kernels): floats differ between the two.
     kernel: str = "torch"
+    # Quality options of Linear Alignment (AlignConfig's kl_budget, repeat_guard, mask, plausibility_min_p),
+    # one dict per variant, each run at every ratio of `variant_ratios` beside the paper's own runs.
+    variants: list[dict] = field(default_factory=list)
+    variant_ratios: list[float] = field(default_factory=list)
 
     def runs(self) -> list[AlignConfig]:
-        """One AlignConfig per (method, strength) of the sweep; principles come per task."""
+        """One AlignConfig per (method, strength) of the sweep, then one per (variant, ratio) of Linear
+        Alignment's quality options; principles come per task."""
+        configs = self._method_runs()
+        if "la" in parse_methods(self.methods):
+            for options in self.variants:
+                for ratio in self.variant_ratios or self.ratios:
+                    configs.append(replace(configs_la(self), ratio=ratio, **options))
+        return configs
+
+    def _method_runs(self) -> list[AlignConfig]:
         configs = []
         for method in parse_methods(self.methods):
             strengths = self.ratios if method == "la" else self.lams if method == "dera" else [None]
@@ -67,6 +80,17 @@ class EvalSettings:
 
     def decode(self) -> DecodeConfig:
         return decode_config(self.max_new_tokens, temperature=self.temperature, seed=self.seed)
+
+
+def configs_la(settings: EvalSettings) -> AlignConfig:
+    """Linear Alignment as the sweep runs it (placeholder principles, the extra ones, the mask)."""
+    knob = {"weights": [1.0, *settings.extra_weights]} if settings.extra_principles else {}
+    return AlignConfig(
+        method="la",
+        principles=["-"] * (1 + len(settings.extra_principles)),
+        plausibility_top_p=settings.plausibility_top_p,
+        **knob,
+    )
 
 
 def read_records(path: Path) -> list[dict]:
@@ -98,14 +122,16 @@ def _guard_settings(out: Path, settings: EvalSettings) -> None:
         # Settings added since those results were written count as their defaults.
         previous = asdict(EvalSettings(suite="", model="", methods=[])) | json.loads(path.read_text())
         changed = sorted(k for k in current.keys() | previous.keys() if current.get(k) != previous.get(k))
-        changed = [k for k in changed if k not in ("methods", "ratios", "lams")]  # a sweep may grow
+        growable = ("methods", "ratios", "lams", "variants", "variant_ratios")
+        changed = [k for k in changed if k not in growable]  # a sweep may grow
         if changed:
             raise LinalignError(
                 f"{out} holds results made with other settings ({', '.join(changed)} differ); "
                 "choose another --out directory"
             )
-        for key in ("methods", "ratios", "lams"):
+        for key in ("methods", "ratios", "lams", "variant_ratios"):
             current[key] = sorted(set(previous[key]) | set(current[key]), key=str)
+        current["variants"] = previous["variants"] + [v for v in current["variants"] if v not in previous["variants"]]
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(current, indent=2) + "\n")
 
@@ -179,6 +205,7 @@ def _evaluate_batch(
             "run": align.label,
             "method": align.method,
             **{k: v for k, v in align.strength.items()},
+            **align.quality_options,
             "task": t.id,
             "group": t.group,
             "text": g.text,
