@@ -331,3 +331,19 @@ def test_eval_sweeps_the_options_as_variants(tmp_path):
     ]
     with pytest.raises(LinalignError, match="--variant takes"):
         _variants(None, None, None, ["ratio=3"])
+
+
+def test_server_request_carries_the_options_and_refuses_bad_ones():
+    from linalign.serve.app import APIError, _align
+    from linalign.serve.schemas import ChatCompletionRequest
+
+    def request(**options):
+        return ChatCompletionRequest(
+            messages=[{"role": "user", "content": "Hi"}], linalign={"principle": PRINCIPLE, **options}
+        )
+
+    body = request(kl_budget=1.0, repeat_guard=4, mask="min_p", plausibility_min_p=0.05)
+    align, _ = _align(body, [{"role": "user", "content": "Hi"}], False, 2.0)
+    assert align.label == "la ratio=2 kl=1 guard=4 mask=min_p0.05"
+    with pytest.raises(APIError, match="kl_budget must be > 0"):
+        _align(request(kl_budget=0.0), [{"role": "user", "content": "Hi"}], False, 2.0)

@@ -64,6 +64,11 @@ class LinalignOptions(BaseModel):
     amulet_eta: float | None = None
     amulet_alpha: float | None = None
     amulet_lambda: float | None = None
+    # Linear Alignment's quality options (docs/quality.md); AlignConfig checks them.
+    kl_budget: float | None = None
+    repeat_guard: int | None = Field(None, ge=0, le=16)
+    mask: Literal["top_p", "min_p", "intersect"] | None = None
+    plausibility_min_p: float | None = None
 
     @model_validator(mode="after")
     def _one_way_to_give_principles(self) -> LinalignOptions:
