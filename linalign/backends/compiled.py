@@ -44,6 +44,7 @@ CUDA_MODE = "reduce-overhead"  # torch.compile's mode on CUDA: inductor kernels 
 # None: each (rows, length) is compiled for its own shape until a second one is seen, after which one graph with
 # symbolic sizes serves them all (CUDA graphs are still recorded per shape) - two compilations, not one per batch.
 DYNAMIC: bool | None = None
+POOL = 4  # free static caches kept per model for reuse (the most recent); older ones are freed
 COMPACT_EVERY: int | None = None  # default of `CompiledBackend(compact_every=...)`: finished rows stay, masked
 
 # Every (model, rows, length) is its own graph of the same code object; the default limit of 8 would silently
@@ -83,7 +84,7 @@ class CompiledModel:
         mode = CUDA_MODE if self.cuda else None  # CUDA graphs on CUDA; inductor's default elsewhere
         self._compiled = torch.compile(self.forward, mode=mode, dynamic=DYNAMIC, fullgraph=True)
         self.eager = False  # set when compilation failed: the step then runs eagerly
-        self._pool: dict[tuple[int, int], list[StaticCache]] = {}
+        self._pool: list[tuple[tuple[int, int], StaticCache]] = []  # (rows, length), oldest first
         self._lock = threading.Lock()
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -116,8 +117,8 @@ class CompiledModel:
     def take(self, rows: int, length: int) -> StaticCache:
         """A zeroed static cache of `rows` x `length` tokens, reused from the pool when one is free."""
         with self._lock:
-            free = self._pool.get((rows, length))
-            cache = free.pop() if free else None
+            found = next((i for i, (key, _) in enumerate(self._pool) if key == (rows, length)), None)
+            cache = self._pool.pop(found)[1] if found is not None else None
         if cache is None:
             return StaticCache(config=self.model.config, max_cache_len=length)
         cache.reset()
@@ -125,7 +126,8 @@ class CompiledModel:
 
     def give_back(self, cache: StaticCache, rows: int, length: int) -> None:
         with self._lock:
-            self._pool.setdefault((rows, length), []).append(cache)
+            self._pool.append(((rows, length), cache))
+            del self._pool[:-POOL]
 
 
 def _copy_rows(target: StaticCache, source: StaticCache, rows: torch.Tensor, length: int) -> None:
