@@ -166,3 +166,31 @@ def test_symbolic_sizes_from_the_start_equal_eager(eager, tiny, monkeypatch):
     for align in (AlignConfig(method="la", principles=[PRINCIPLE]), AlignConfig(method="base")):
         assert tokens(aligner, align) == tokens(eager, align)
     assert not aligner.main.compiled.eager
+
+
+# -- random-weight models of shipped shapes ---------------------------------------------------------------------
+
+
+def test_random_init_builds_in_the_dtype_asked_and_names_the_known_shapes():
+    from linalign.random_init import known_configs, random_init_model
+
+    assert {"llama-3.2-1b", "llama-3.1-8b", "qwen2.5-7b", "mistral-7b", "tiny"} <= set(known_configs())
+    loaded = random_init_model("tiny", dtype="bfloat16", device="cpu")
+    assert loaded.random_weights and "random weights" in loaded.name
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert loaded.vocab_size >= len(loaded.tokenizer)
+    with pytest.raises(LinalignError, match="unknown --random-init config 'gpt-9'; known: .*llama-3.1-8b"):
+        random_init_model("gpt-9")
+
+
+def test_random_init_shapes_match_the_public_models():
+    """Built on the meta device (no memory): parameter counts of the public checkpoints."""
+    from linalign.random_init import random_init_model
+
+    billions = {"llama-3.2-1b": 1.236, "llama-3.1-8b": 8.030, "qwen2.5-7b": 7.616}
+    for name, expected in billions.items():
+        model = random_init_model(name, dtype="bfloat16", device="meta").model
+        assert round(sum(p.numel() for p in model.parameters()) / 1e9, 3) == expected
+        assert compiled_module.compile_problem(model) is None
+    mistral = random_init_model("mistral-7b", dtype="bfloat16", device="meta")
+    assert "vocabulary 32768 -> 49152" in mistral.name  # enlarged for the built-in tokenizer's ids
