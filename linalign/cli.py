@@ -199,9 +199,9 @@ def _variants(kl_budgets: str | None, repeat_guards: str | None, masks: str | No
         for part in text.split(","):
             key, _, value = part.partition("=")
             key = key.strip()
-            if key not in ("kl_budget", "repeat_guard", "mask", "plausibility_min_p") or not value.strip():
+            if key not in ("ratio", "kl_budget", "repeat_guard", "mask", "plausibility_min_p") or not value.strip():
                 raise LinalignError(
-                    f"--variant takes kl_budget=, repeat_guard=, mask= and plausibility_min_p=, got {part!r}"
+                    f"--variant takes ratio=, kl_budget=, repeat_guard=, mask= and plausibility_min_p=, got {part!r}"
                 )
             options[key] = value.strip() if key == "mask" else _floats(value, "--variant")[0]
             if key == "repeat_guard":

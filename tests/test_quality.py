@@ -330,7 +330,11 @@ def test_eval_sweeps_the_options_as_variants(tmp_path):
         "la ratio=8 guard=4",
     ]
     with pytest.raises(LinalignError, match="--variant takes"):
-        _variants(None, None, None, ["ratio=3"])
+        _variants(None, None, None, ["top_k=3"])
+    pinned = EvalSettings(
+        "principles", "m", ["la"], ratios=[2.0], variants=_variants(None, None, None, ["ratio=8,kl_budget=1"])
+    )
+    assert [a.label for a in pinned.runs()] == ["la ratio=2", "la ratio=8 kl=1"]
 
 
 def test_server_request_carries_the_options_and_refuses_bad_ones():

@@ -56,9 +56,9 @@ class EvalSettings:
         Alignment's quality options; principles come per task."""
         configs = self._method_runs()
         if "la" in parse_methods(self.methods):
-            for options in self.variants:
-                for ratio in self.variant_ratios or self.ratios:
-                    configs.append(replace(configs_la(self), ratio=ratio, **options))
+            for options in self.variants:  # a variant may pin its own ratio (e.g. a trust region's cap)
+                for ratio in [options["ratio"]] if "ratio" in options else self.variant_ratios or self.ratios:
+                    configs.append(replace(configs_la(self), **({"ratio": ratio} | options)))
         return configs
 
     def _method_runs(self) -> list[AlignConfig]:
