@@ -89,25 +89,39 @@ def trust_region(
     budget: torch.Tensor | float,
     temperature: torch.Tensor | float = 1.0,
 ) -> torch.Tensor:
-    """`anchor + s (combined - anchor)` per row, with `s` the largest of 0, 1/64, ..., 1 such that every grid
-    point up to it keeps `KL(softmax(x / T) || softmax(anchor / T)) <= budget` on the tokens of `mask`.
+    """`anchor + s (combined - anchor)` on the tokens of `mask` (-inf elsewhere) per row, with `s` the largest
+    of 0, 1/64, ..., 1 such that every grid point up to it keeps `KL(softmax(x / T) || softmax(anchor / T))
+    <= budget` on the tokens of `mask`; at `s = 1` exactly `combined`.
 
     With one principle this is Linear Alignment at `r_t = s r`. The KL grows with `s` (its derivative is
-    `s` times a variance), so the first grid point over budget ends the search; all 65 points are evaluated
-    at once on the gathered support, which is a few dozen tokens, so the cost is one small tensor op.
+    `s` times a variance), so the first grid point over budget ends the search. All 65 points are evaluated
+    at once on the mask's tokens alone, a few dozen per row, so the cost is a few small tensor ops.
     """
+    rows, cols, pos, width = _support(mask)
+    support = torch.zeros((len(mask), width), dtype=torch.long, device=mask.device)
+    valid = torch.zeros((len(mask), width), dtype=torch.bool, device=mask.device)
+    support[rows, pos], valid[rows, pos] = cols, True
+    a = anchor.float().gather(-1, support)
+    c = combined.float().gather(-1, support)
     t = _per_row(temperature, combined)
-    a, d = anchor.float() / t, (combined - anchor.float()) / t
-    width = max(int(mask.sum(dim=-1).max()), 1)
-    support = mask.to(torch.uint8).topk(width, dim=-1).indices
-    valid = mask.gather(-1, support)
-    a_s = a.gather(-1, support).masked_fill(~valid, float("-inf"))
-    d_s = d.gather(-1, support).masked_fill(~valid, 0.0)
     grid = torch.linspace(0.0, 1.0, TRUST_GRID + 1, device=combined.device)
-    points = a_s[:, None, :] + grid[None, :, None] * d_s[:, None, :]
+    points = (a[:, None, :] + grid[None, :, None] * (c - a)[:, None, :]) / t[:, :, None]
+    points = points.masked_fill(~valid[:, None, :], float("-inf"))
     logp = torch.log_softmax(points, dim=-1)
-    logq = torch.log_softmax(a_s, dim=-1)[:, None, :]
+    logq = torch.log_softmax((a / t).masked_fill(~valid, float("-inf")), dim=-1)[:, None, :]
     kl = torch.where(valid[:, None, :], logp.exp() * (logp - logq), 0.0).sum(dim=-1)
     within = (kl <= _per_row(budget, combined)).cumprod(dim=-1)
     s = grid[(within.sum(dim=-1) - 1).clamp(min=0)][:, None]
-    return torch.where(s == 1.0, combined, anchor.float() + s * (combined - anchor.float()))
+    trusted = torch.where(s == 1.0, c, a + s * (c - a))
+    out = torch.full_like(combined, float("-inf"), dtype=torch.float32)
+    out[rows, cols] = trusted[rows, pos]
+    return out
+
+
+def _support(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The tokens of a `[batch, vocab]` mask as (row, token, position within the row, widest row)."""
+    counts = mask.sum(dim=-1)
+    rows, cols = mask.nonzero(as_tuple=True)
+    starts = counts.cumsum(0) - counts
+    pos = torch.arange(len(rows), device=mask.device) - starts[rows]
+    return rows, cols, pos, max(int(counts.max()), 1)

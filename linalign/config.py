@@ -180,6 +180,11 @@ class AlignConfig:
                 )
             if self.method != "la":
                 raise LinalignError(f"kl_budget applies to Linear Alignment (method 'la'), not {self.method!r}")
+            if not self.mask_enabled:
+                raise LinalignError(
+                    "kl_budget is measured on the plausibility mask's tokens; it needs a plausibility_top_p in "
+                    f"(0, 1), got {self.plausibility_top_p!r}"
+                )
         _integer("repeat_guard", self.repeat_guard, 0)
         if self.repeat_guard == 1:
             raise LinalignError("repeat_guard must be 0 (off) or an n-gram size >= 2, got 1")

@@ -126,19 +126,31 @@ def plan_masks(
     anchor: torch.Tensor, plain: torch.Tensor | None, plans: Sequence[Plan], temperature: Sequence[float]
 ) -> torch.Tensor:
     """Each row's plausibility mask by its plan's kind (all True where the plan has no mask)."""
+    kinds = {p.mask_kind if p.mask_top_p else None for p in plans}
+    if len(kinds) == 1 and None not in kinds:  # one kind for the whole batch, the usual case: no row copies
+        return _masks(kinds.pop(), anchor, plain, plans, temperature)
     mask = torch.ones_like(anchor, dtype=torch.bool)
-    temperatures = torch.tensor(temperature, dtype=torch.float32, device=anchor.device)
-    for kind in {p.mask_kind for p in plans if p.mask_top_p}:
+    for kind in kinds - {None}:
         rows = [i for i, p in enumerate(plans) if p.mask_top_p and p.mask_kind == kind]
         index = torch.tensor(rows, device=anchor.device)
-        t = temperatures[index]
-        if kind == "min_p":
-            mask[index] = min_p_mask(anchor[index], [plans[i].mask_min_p for i in rows], t)
-        elif kind == "intersect" and plain is not None:
-            mask[index] = intersect_mask(anchor[index], plain[index], [plans[i].mask_top_p for i in rows], t)
-        else:
-            mask[index] = plausibility_mask(anchor[index], [plans[i].mask_top_p for i in rows], t)
+        mask[index] = _masks(
+            kind,
+            anchor[index],
+            plain[index] if plain is not None else None,
+            [plans[i] for i in rows],
+            [temperature[i] for i in rows],
+        )
     return mask
+
+
+def _masks(
+    kind: str, anchor: torch.Tensor, plain: torch.Tensor | None, plans: Sequence[Plan], temperature: Sequence[float]
+) -> torch.Tensor:
+    if kind == "min_p":
+        return min_p_mask(anchor, [p.mask_min_p for p in plans], temperature)
+    if kind == "intersect" and plain is not None:
+        return intersect_mask(anchor, plain, [p.mask_top_p for p in plans], temperature)
+    return plausibility_mask(anchor, [p.mask_top_p for p in plans], temperature)
 
 
 def ban(logits: torch.Tensor, banned: Sequence[set[int]]) -> torch.Tensor:
@@ -167,7 +179,9 @@ def shaped_scores(
     plain = ban(plain, banned) if plain is not None else None
     mask = plan_masks(anchor, plain, plans, temperature)
     trusted = [i for i, p in enumerate(plans) if p.kl_budget is not None]
-    if trusted:
+    if len(trusted) == len(plans):
+        combined = trust_region(combined, anchor, mask, [p.kl_budget for p in plans], temperature)
+    elif trusted:
         rows = torch.tensor(trusted, device=combined.device)
         budgets = [plans[i].kl_budget for i in trusted]
         t = [temperature[i] for i in trusted]

@@ -239,6 +239,7 @@ def test_unbounded_budget_is_the_paper_and_plans_mix_in_one_batch(tiny_aligner):
         ({"kl_budget": float("nan")}, "kl_budget must be a finite number"),
         ({"kl_budget": float("inf")}, "kl_budget must be a finite number"),
         ({"kl_budget": 1.0, "method": "prompt"}, "kl_budget applies to Linear Alignment"),
+        ({"kl_budget": 1.0, "plausibility_top_p": 1.0}, "it needs a plausibility_top_p"),
         ({"repeat_guard": 1}, "repeat_guard must be 0"),
         ({"repeat_guard": -2}, "repeat_guard must be an integer"),
         ({"mask": "top_k"}, "unknown mask"),
