@@ -9,6 +9,10 @@ Every method decodes the same prompts to the same forced length (greedy, `min_ne
 4. `hf-cfg`          `generate(guidance_scale=1+r, negative_prompt_ids=...)`, the library peer
 5. `two-pass`        two separate cached forward passes per token, as the reference code does
 
+Where the model is a `.gguf` file and llama.cpp is installed, also `llama.cpp` (llama.cpp's own plain greedy
+decoding through its high-level API, one prompt at a time), `linalign-llamacpp` and `linalign-plain-llamacpp`
+(2 and 3 on the llama.cpp backend).
+
 With `compile=True`, also 2 and 3 on the compiled, static-cache path (`linalign.backends.compiled`):
 `linalign-compiled` and `linalign-plain-compiled`; their first run (the compilation) is timed apart, as
 `compile_seconds`. `random_init=NAME` measures a model of a shipped config's shape with random weights
@@ -30,7 +34,7 @@ import torch
 from linalign.backends.transformers import TransformersBackend, left_padded
 from linalign.config import AlignConfig, DecodeConfig
 from linalign.engine import Aligner
-from linalign.models import LoadedModel, load_model
+from linalign.models import LoadedModel, load_model, pick_backend, resolve
 from linalign.prompts import build_ids
 from linalign.step import aligned_scores
 
@@ -106,6 +110,31 @@ def _two_pass(model, principled, plain, ratio: float, steps: int, pad_id: int) -
         logits = [c.step(tokens) for c in contexts]
 
 
+def _llama_cpp_plain(llm, prompts: list[list[int]], steps: int) -> None:
+    """llama.cpp's own plain greedy decoding (its high-level API, one prompt at a time, as people run it)."""
+    for ids in prompts:
+        for n, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True), start=1):
+            if n == steps:
+                break
+
+
+def _llama_runs(llama: Aligner, prompts: list[str], new_tokens: int, ratio: float) -> dict[str, Callable[[], object]]:
+    """llama.cpp's own plain decoding and linalign's on the llama.cpp backend."""
+    from llama_cpp import Llama
+
+    principled = [build_ids(llama.tokenizer, p, PRINCIPLE) for p in prompts]
+    runner = llama.main.runner
+    llm = Llama(str(runner.path), n_ctx=2048, n_threads=runner.threads, verbose=False)
+    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio)
+    prompting = AlignConfig(method="prompt", principles=[PRINCIPLE])
+    config = DecodeConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    return {
+        "llama.cpp": lambda: _llama_cpp_plain(llm, principled, new_tokens),
+        "linalign-llamacpp": lambda: llama.generate(prompts, align, config),
+        "linalign-plain-llamacpp": lambda: llama.generate(prompts, prompting, config),
+    }
+
+
 def _runs(
     aligner: Aligner, prompts: list[str], new_tokens: int, ratio: float, compiled: Aligner | None = None
 ) -> dict[str, Callable[[], object]]:
@@ -173,12 +202,20 @@ def run_benchmark(
     load_seconds = time.perf_counter() - start
     aligner = Aligner(loaded)
     compiled = Aligner(loaded, compile=True) if compile else None
+    llama, llama_seconds = None, None
+    if random_init is None and pick_backend("auto", resolve(model)) == "llamacpp":
+        start = time.perf_counter()
+        llama = Aligner(model, backend="llamacpp")
+        llama_seconds = round(time.perf_counter() - start, 2)
     memory = _PeakMemory(loaded.device)
     best: dict[tuple[int, str], Measurement] = {}
     compile_seconds: dict[str, float] = {}
     for phase in ("eager", "compiled"):
         for batch in batches:
-            runs = _runs(aligner, [PROMPTS[i % len(PROMPTS)] for i in range(batch)], new_tokens, ratio, compiled)
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+            runs = _runs(aligner, prompts, new_tokens, ratio, compiled)
+            if llama is not None:
+                runs |= _llama_runs(llama, prompts, new_tokens, ratio)
             runs = {
                 k: v
                 for k, v in runs.items()
@@ -211,6 +248,7 @@ def run_benchmark(
         "new_tokens": new_tokens,
         "ratio": ratio,
         "model_load_seconds": round(load_seconds, 2),
+        "llamacpp_load_seconds": llama_seconds,
         "compile_seconds": compile_seconds,  # first run of each compiled method: compilation and one decode
         "results": [asdict(m) for m in results],
     }
