@@ -352,3 +352,18 @@ def test_server_request_carries_the_options_and_refuses_bad_ones():
     assert align.label == "la ratio=2 kl=1 guard=4 mask=min_p0.05"
     with pytest.raises(APIError, match="kl_budget must be > 0"):
         _align(request(kl_budget=0.0), [{"role": "user", "content": "Hi"}], False, 2.0)
+
+
+def test_cli_takes_the_options_and_refuses_bad_ones(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from linalign.cli import app
+
+    args = ["generate", "Why?", "-p", PRINCIPLE, "--model", tiny.name, "--max-new-tokens", "3", "--json"]
+    ok = CliRunner().invoke(app, [*args, "--method", "prompt,la", "--kl-budget", "0.5", "--repeat-guard", "3"])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(app, [*args, "--method", "la", "--kl-budget", "0"])
+    assert bad.exit_code == 2 and "kl_budget must be > 0" in bad.output
+    sweep = ["eval", "--model", tiny.name, "--limit", "1", "--out", str(tmp_path), "--kl-budgets", "-1"]
+    bad_sweep = CliRunner().invoke(app, sweep)
+    assert bad_sweep.exit_code == 2 and "kl_budget must be > 0" in bad_sweep.output
