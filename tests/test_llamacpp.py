@@ -28,8 +28,9 @@ NEW_TOKENS = 16
 @pytest.fixture(scope="module")
 def model() -> LlamaCppModel:
     """Passes of at most 32 tokens: every attention runs llama.cpp's decode-step kernel, so the comparisons below
-    are exact, token for token and bit for bit (from 64 tokens in a pass a tiled kernel moves logits by ~1)."""
-    return LlamaCppModel(builtin_gguf(), ubatch=32)
+    are exact, token for token and bit for bit (from 64 tokens in a pass a tiled kernel moves logits by ~1).
+    One thread: llama.cpp's workers spin at every barrier and crawl on a busy machine."""
+    return LlamaCppModel(builtin_gguf(), ubatch=32, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ def test_batched_logits_equal_single_rows(model, pairs):
 
 def test_large_passes_change_logits_only_by_kernel_noise(model, pairs):
     """The default (512-token passes) prefills batches with the tiled attention kernel: close, not equal."""
-    fast = LlamaCppModel(builtin_gguf())
+    fast = LlamaCppModel(builtin_gguf(), threads=1)
     ids = [ids for pair in pairs for ids in pair]
     tiled = fast.open(sum(map(len, ids))).add(ids)
     exact = model.open(sum(map(len, ids))).add(ids)

@@ -220,6 +220,8 @@ class LlamaCppBackend:
         """Append one token to every row in one `llama_decode`; next-token logits of every row."""
         if len(tokens) != self.rows:
             raise ValueError(f"step needs one token per row: {self.rows} rows, {len(tokens)} tokens")
+        if not self.rows:
+            return torch.zeros(0, self.model.vocab_size)
         if self.used + self._dropped_cells + self.rows > self.n_ctx:
             self._release()
         if self.used + self.rows > self.n_ctx:
