@@ -80,7 +80,7 @@ class LlamaCppModel:
     `threads` defaults to the physical cores. `ubatch` is the most tokens llama.cpp computes in one pass.
     llama.cpp's CPU attention switches to a tiled kernel from 64 query tokens in a pass, which moves logits by
     up to ~1 on quantised models; with `ubatch` below 64 every pass takes the kernel a decode step takes, so
-    results do not depend on how prompts were batched or cached (prefill gets slower; tests use it).
+    results do not depend on how prompts were batched or cached (tests use it; on CPU prefill barely slows).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None, ubatch: int = 512) -> None:
