@@ -22,6 +22,11 @@ MASKS = ("top_p", "min_p", "intersect")
 MAX_SEED = 2**63
 
 
+def row_seed(seed: int | None, row: int) -> int | None:
+    """Row `row`'s own sampling seed: `seed + row`, so a row's sample never depends on its companions."""
+    return None if seed is None else (seed + row) % MAX_SEED
+
+
 def _finite(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise LinalignError(f"{name} must be a finite number, got {value!r}")

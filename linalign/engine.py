@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from linalign.config import AlignConfig, DecodeConfig
+from linalign.config import AlignConfig, DecodeConfig, row_seed
 from linalign.decode import Decoder, Event, Prepared
 from linalign.errors import LinalignError
 from linalign.methods import make_plan
@@ -157,9 +157,7 @@ class Aligner:
         config = config or DecodeConfig()
         aligns = [align if principles is None else replace(align, principles=list(p)) for p in principles or prompts]
         return [
-            self.prepare(
-                p, a, config, system=system, raw=raw, seed=None if config.seed is None else (config.seed + i) % 2**63
-            )
+            self.prepare(p, a, config, system=system, raw=raw, seed=row_seed(config.seed, i))
             for i, (p, a) in enumerate(zip(prompts, aligns, strict=True))
         ]
 

@@ -27,7 +27,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from linalign.config import MAX_SEED, AlignConfig, DecodeConfig
+from linalign.config import AlignConfig, DecodeConfig, row_seed
 from linalign.decode import TopLogprobs
 from linalign.engine import Aligner
 from linalign.errors import LinalignError
@@ -136,7 +136,7 @@ def build_job(
     longest = max(len(ids) for ids in prepared.term_ids)
     requested = body.max_completion_tokens or body.max_tokens
     config = replace(probe, max_new_tokens=_max_tokens(aligner, longest, requested))
-    seeds = [None if config.seed is None else (config.seed + c) % MAX_SEED for c in range(body.n)]
+    seeds = [row_seed(config.seed, c) for c in range(body.n)]
     return Job([replace(prepared, config=config, seed=seed) for seed in seeds], loop, timeout=timeout)
 
 
