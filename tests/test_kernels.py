@@ -6,10 +6,10 @@ import threading
 
 import pytest
 import torch
-from torch.nn import functional as F
+from torch import nn
 
 from linalign import AlignConfig, Aligner, DecodeConfig, LinalignError, kernels
-from linalign.kernels import MAX_ROWS, TransposedLinears, uses_transposed
+from linalign.kernels import MAX_ROWS, route, transposed_linears, uses_transposed
 
 
 @pytest.fixture
@@ -39,34 +39,55 @@ def test_transposed_linear_equals_the_product(shape, bias):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def routed_linear() -> nn.Linear:
+    layer = nn.Linear(8, 16)
+    route(layer)
+    route(layer)  # idempotent
+    return layer
+
+
 def test_only_few_row_products_are_routed(counted):
-    weight = torch.randn(16, 8)
-    with TransposedLinears():
+    layer = routed_linear()
+    with transposed_linears():
         for rows in (1, 2, MAX_ROWS, MAX_ROWS + 1):
-            out = F.linear(torch.randn(rows, 8), weight)
+            out = layer(torch.randn(rows, 8))
             assert out.shape == (rows, 16)
     assert counted == {threading.get_ident(): 2}  # 2 and MAX_ROWS rows; 1 and MAX_ROWS + 1 keep torch's form
 
 
-def test_the_mode_is_scoped_to_its_thread_and_nests(counted):
-    weight, x = torch.randn(16, 8), torch.randn(2, 8)
+def test_subclasses_keep_their_own_forward(counted):
+    class Scaled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    layer = Scaled(8, 16)
+    route(layer)
+    x = torch.randn(2, 8)
+    with transposed_linears():
+        out = layer(x)
+    torch.testing.assert_close(out, 2 * (x @ layer.weight.T + layer.bias))
+    assert counted == {}
+
+
+def test_routing_is_scoped_to_its_thread_and_nests(counted):
+    layer, x = routed_linear(), torch.randn(2, 8)
     inside, other = threading.Event(), threading.Event()
 
     def elsewhere() -> None:
         inside.wait(5)
-        F.linear(x, weight)  # another thread, while the first is inside the mode
+        layer(x)  # another thread, while the first is inside the block
         other.set()
 
     thread = threading.Thread(target=elsewhere)
     thread.start()
-    with TransposedLinears():
-        with TransposedLinears():  # nested use
-            F.linear(x, weight)
+    with transposed_linears():
+        with transposed_linears():  # nested use
+            layer(x)
         inside.set()
         other.wait(5)
-        F.linear(x, weight)
+        layer(x)
     thread.join()
-    F.linear(x, weight)  # outside again
+    layer(x)  # outside again
     assert counted == {threading.get_ident(): 2}
 
 

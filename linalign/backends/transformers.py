@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from linalign.kernels import TransposedLinears, uses_transposed
+from linalign.kernels import route, transposed_linears, uses_transposed
 
 
 def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -55,6 +55,8 @@ class TransformersBackend:
         self._cache_name = _cache_argument(model)
         weight = next(model.parameters())
         self._transposed = uses_transposed(weight.device, weight.dtype)
+        if self._transposed:
+            route(model)
         self.cache = None
         self.attention_mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self.last_position = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -109,7 +111,7 @@ class TransformersBackend:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((self.rows, 1))], 1)
         self.last_position = self.last_position + 1
-        with TransposedLinears() if self._transposed else nullcontext():  # a step has few rows: linalign.kernels
+        with transposed_linears() if self._transposed else nullcontext():  # a step has few rows: linalign.kernels
             return self._forward(tokens.to(self.device)[:, None], self.last_position[:, None])
 
     def keep(self, rows: torch.Tensor) -> None:
