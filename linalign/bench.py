@@ -111,8 +111,10 @@ def _two_pass(model, principled, plain, ratio: float, steps: int, pad_id: int) -
 
 
 def _llama_cpp_plain(llm, prompts: list[list[int]], steps: int) -> None:
-    """llama.cpp's own plain greedy decoding (its high-level API, one prompt at a time, as people run it)."""
+    """llama.cpp's own plain greedy decoding (its high-level API, one prompt at a time, as people run it).
+    `reset` first: `generate` would otherwise reuse the KV cache of a repeated prompt and skip its prefill."""
     for ids in prompts:
+        llm.reset()
         for n, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True), start=1):
             if n == steps:
                 break

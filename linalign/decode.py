@@ -257,10 +257,11 @@ class Decoder:
         scores = self._combined()
         anchor = self._context_logits([s.anchor for s in self.sequences])
         for i, s in enumerate(self.sequences):
-            processors = logits_processors(s.config, self.eos_ids, s.prepared.prompt_tokens)
+            processors = logits_processors(s.config)
             if processors:  # on the sequence's own, unpadded history
                 scores[i : i + 1] = processors(s.history, scores[i : i + 1])
                 anchor[i : i + 1] = processors(s.history, anchor[i : i + 1].clone())
+        self._hold_eos(scores, anchor)
         temperature = [s.config.mask_temperature for s in self.sequences]
         plans = [s.prepared.plan for s in self.sequences]
         if any(p.shaped for p in plans):
@@ -281,6 +282,15 @@ class Decoder:
         if aligned is None:
             return chosen, [None] * len(self.sequences)
         return chosen, self._logprobs(aligned, anchor, chosen)
+
+    def _hold_eos(self, *logits: torch.Tensor) -> None:
+        """End-of-sequence tokens out of reach of the sequences still short of their `min_new_tokens`."""
+        early = [i for i, s in enumerate(self.sequences) if s.new_tokens < s.config.min_new_tokens]
+        if early and self.eos_ids:
+            rows = torch.tensor(early, device=self.device)[:, None]
+            eos = torch.tensor(self.eos_ids, device=self.device)
+            for x in logits:
+                x[rows, eos] = float("-inf")
 
     def _shaped(
         self, scores: torch.Tensor, anchor: torch.Tensor, plans: list[Plan], temperature: list[float]

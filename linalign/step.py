@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import torch
 from transformers import (
     LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -31,15 +30,14 @@ from linalign.config import DecodeConfig
 from linalign.methods import Plan
 
 
-def logits_processors(config: DecodeConfig, eos_ids: list[int], prompt_length: int) -> LogitsProcessorList:
-    """The standard `transformers` processors, applied to the combined logits (and to the anchor's)."""
+def logits_processors(config: DecodeConfig) -> LogitsProcessorList:
+    """The standard `transformers` processors, applied to the combined logits (and to the anchor's).
+    `min_new_tokens` is the decode loop's: one indexed write for the whole batch, not a vocabulary scan a row."""
     processors = LogitsProcessorList()
     if config.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
     if config.no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
-    if config.min_new_tokens > 0:
-        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos_ids))
     return processors
 
 

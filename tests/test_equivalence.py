@@ -306,3 +306,15 @@ def test_ratio_zero_equals_generate_with_standard_processors(tiny_aligner, tiny)
     align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=0.0)
     config = DecodeConfig(max_new_tokens=24, repetition_penalty=1.3, no_repeat_ngram_size=2)
     assert tiny_aligner.generate([question], align, config)[0].token_ids == expected
+
+
+def test_min_new_tokens_holds_back_eos_as_generate_does(tiny_aligner, tiny, monkeypatch):
+    question = QUESTIONS[0]
+    ids = build_ids(tiny.tokenizer, question, PRINCIPLE)
+    ends = sorted(set(hf_greedy(tiny, ids, 6)))  # the tokens greedy decoding picks first now end a sequence
+    monkeypatch.setattr(tiny.model.generation_config, "eos_token_id", ends)
+    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=0.0)
+    assert len(tiny_aligner.generate([question], align, DecodeConfig(max_new_tokens=12))[0].token_ids) == 1
+    expected = hf_greedy(tiny, ids, 12, min_new_tokens=8)
+    got = tiny_aligner.generate([question], align, DecodeConfig(max_new_tokens=12, min_new_tokens=8))[0].token_ids
+    assert got == expected and len(got) >= 8
