@@ -22,7 +22,7 @@ from rich.table import Table
 
 from linalign.bench import PRINCIPLE, PROMPTS
 from linalign.errors import LinalignError
-from linalign.options import DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, exits_cleanly
+from linalign.options import BackendOpt, DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, exits_cleanly
 from linalign.serve.batcher import Batcher
 
 
@@ -77,6 +77,7 @@ def run_serve_bench(
     ratio: float = 2.0,
     dtype: str = "float32",
     device: str = "cpu",
+    backend: str = "auto",
 ) -> dict:
     """Measure every concurrency level against one in-process server; returns the JSON report."""
     from linalign.engine import Aligner
@@ -86,7 +87,7 @@ def run_serve_bench(
     if requests < 1 or max_tokens < 1 or not clients or min(clients) < 1:
         raise LinalignError("clients, requests and max_tokens must all be >= 1")
     clients = tuple(sorted(set(clients)))  # the speed-up is measured against the fewest clients
-    aligner = Aligner(model, dtype=dtype, device=device)
+    aligner = Aligner(model, dtype=dtype, device=device, backend=backend)
     app = create_app(aligner, max_batch=max(clients), ratio=ratio)
     with serving(app) as base_url:
         _client_run(base_url, 1, max_tokens, ratio)  # warm-up: first-call allocations and lazy imports
@@ -95,6 +96,7 @@ def run_serve_bench(
         level["speedup"] = round(level["tokens_per_s"] / levels[0]["tokens_per_s"], 2)
     return {
         "model": aligner.main.name,
+        "backend": aligner.main.backend,
         "device": str(aligner.main.device),
         "threads": torch.get_num_threads(),
         "max_tokens": max_tokens,
@@ -105,16 +107,23 @@ def run_serve_bench(
     }
 
 
-def run_mixed(model: str, dtype: str, device: str, ratio: float, soak_seconds: float | None) -> dict:
+def run_mixed(
+    model: str, dtype: str, device: str, ratio: float, soak_seconds: float | None, backend: str = "auto"
+) -> dict:
     """The mixed load and head-of-line case (or the soak) against one in-process server."""
     from linalign.engine import Aligner
     from linalign.serve.app import create_app
     from linalign.serve.load import head_of_line, mixed_load, soak
     from linalign.serve.server import serving
 
-    aligner = Aligner(model, dtype=dtype, device=device)
+    aligner = Aligner(model, dtype=dtype, device=device, backend=backend)
     app = create_app(aligner, max_batch=16, ratio=ratio)
-    report = {"model": aligner.main.name, "device": str(aligner.main.device), "threads": torch.get_num_threads()}
+    report = {
+        "model": aligner.main.name,
+        "backend": aligner.main.backend,
+        "device": str(aligner.main.device),
+        "threads": torch.get_num_threads(),
+    }
     with serving(app) as base_url:
         if soak_seconds:
             report["soak"] = soak(base_url, soak_seconds)
@@ -133,6 +142,7 @@ def serve_bench(
     ratio: RatioOpt = 2.0,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    backend: BackendOpt = "auto",
     out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("runs/serve-bench.json"),
     mixed: Annotated[
         bool, typer.Option("--mixed", help="16 clients of mixed lengths and settings, and the head-of-line case.")
@@ -146,14 +156,16 @@ def serve_bench(
     console = Console()
     if mixed or soak:
         with console.status("benchmarking the server under a mixed load", spinner="dots"):
-            report = run_mixed(model, dtype, device, ratio, soak)
+            report = run_mixed(model, dtype, device, ratio, soak, backend)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         console.print_json(data=report)
         console.print(f"report written to {out}")
         return
     with console.status("benchmarking the server", spinner="dots"):
-        report = run_serve_bench(model, tuple(clients or (1, 4, 8)), requests, max_tokens, ratio, dtype, device)
+        report = run_serve_bench(
+            model, tuple(clients or (1, 4, 8)), requests, max_tokens, ratio, dtype, device, backend
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     table = Table(
