@@ -1,0 +1,72 @@
+"""Linear Alignment on llama.cpp where reading the weights dominates a step: a random-weight ~1.2B Llama.
+
+Writes (once) a Llama-3.2-1B-shaped GGUF with random weights over the built-in model's vocabulary, then decodes
+the benchmark's prompts to a forced length with llama.cpp's own plain greedy decoding, linalign's plain decoding
+and linalign's Linear Alignment (both on the llama.cpp backend), best of `--repeats`, and prints tokens/s and
+the ratios. Random weights make the figures speed-only.
+
+    python benchmarks/llamacpp_weights.py --new-tokens 64 --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from linalign import AlignConfig, Aligner, DecodeConfig
+from linalign.backends.gguf_random import random_llama_gguf
+from linalign.bench import PRINCIPLE, PROMPTS, _llama_cpp_plain
+from linalign.prompts import build_ids
+
+
+def best_seconds(run, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="q8_0", choices=("q8_0", "f16"))
+    parser.add_argument("--path", type=Path, default=Path("runs/random-llama-2048x16-q8_0.gguf"))
+    args = parser.parse_args()
+    path = random_llama_gguf(args.path, dtype=args.dtype)
+    aligner = Aligner(str(path), backend="llamacpp")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    config = DecodeConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=2.0)
+    prompting = AlignConfig(method="prompt", principles=[PRINCIPLE])
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=2048, n_threads=aligner.main.runner.threads, verbose=False)
+    principled = [build_ids(aligner.tokenizer, p, PRINCIPLE) for p in prompts]
+    runs = {
+        "llama.cpp": lambda: _llama_cpp_plain(llm, principled, args.new_tokens),
+        "linalign-plain-llamacpp": lambda: aligner.generate(prompts, prompting, config),
+        "linalign-llamacpp": lambda: aligner.generate(prompts, align, config),
+    }
+    aligner.generate(prompts, align, config)  # warm-up
+    speed = {name: args.batch * args.new_tokens / best_seconds(run, args.repeats) for name, run in runs.items()}
+    report = {
+        "model": path.name,
+        "weights": "random",
+        "threads": aligner.main.runner.threads,
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "tokens_per_s": {k: round(v, 2) for k, v in speed.items()},
+        "la_vs_llama_cpp": round(speed["linalign-llamacpp"] / speed["llama.cpp"], 2),
+        "la_vs_linalign_plain": round(speed["linalign-llamacpp"] / speed["linalign-plain-llamacpp"], 2),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
