@@ -104,6 +104,13 @@ def _contexts(prepared: Prepared) -> tuple[dict[int, list[list[int]]], dict[int,
     return contexts, weights, where
 
 
+def kv_cells(prepared: Prepared, new_tokens: int | None = None) -> dict[int, int]:
+    """KV cells per model that `prepared` fills with `new_tokens` (default: its length limit) generated: each
+    distinct context's prompt plus the new tokens."""
+    new = prepared.config.max_new_tokens if new_tokens is None else new_tokens
+    return {m: sum(len(c) for c in ids) + len(ids) * new for m, ids in _contexts(prepared)[0].items()}
+
+
 class Decoder:
     """Sequences decoding together over one backend per model (see the module docstring)."""
 
@@ -125,6 +132,15 @@ class Decoder:
     def __len__(self) -> int:
         """Sequences still decoding."""
         return sum(not s.done for s in self.sequences)
+
+    def fits(self, prepared: Sequence[Prepared], alone: bool = False) -> bool:
+        """Whether every cache of fixed size can prefill `prepared` and take a first step now (`alone`: in an
+        empty decoder). Sequences that later outgrow it end early (see `_make_room`)."""
+        need = {m: 0 if alone else getattr(b, "used", 0) + self.rows[m] for m, b in self.backends.items()}
+        for p in prepared:
+            for m, cells in kv_cells(p, new_tokens=1).items():
+                need[m] += cells
+        return all(need[m] <= b.capacity for m, b in self.backends.items() if getattr(b, "capacity", None))
 
     @property
     def can_add(self) -> bool:
@@ -187,6 +203,7 @@ class Decoder:
                 s.done = True
                 events.append(Event(s.key, None, s.text.delta(final=True), "cancelled"))
         self._drop_done()
+        events += self._make_room()
         if not len(self):
             return events
         self._advance()
@@ -322,6 +339,20 @@ class Decoder:
                 )
             )
         return out
+
+    def _make_room(self) -> list[Event]:
+        """Where a cache of fixed size cannot take one more token for every row, the newest sequences end
+        ("length") and leave, so that the others decode on instead of the step failing for all."""
+        events = []
+        for m, backend in self.backends.items():
+            capacity = getattr(backend, "capacity", None)
+            while capacity and self.rows[m] and backend.used + self.rows[m] > capacity:
+                s = next(s for s in reversed(self.sequences) if m in s.first and not s.done)
+                s.text.finish()
+                s.done = True
+                events.append(Event(s.key, None, s.text.delta(final=True), "length"))
+                self._drop_done()
+        return events
 
     def _drop_done(self) -> None:
         """Drop finished sequences' rows from every backend; where a backend cannot drop rows, they stay

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from linalign.config import AlignConfig, DecodeConfig, row_seed
-from linalign.decode import Decoder, Event, Prepared
+from linalign.decode import Decoder, Event, Prepared, kv_cells
 from linalign.errors import LinalignError
 from linalign.methods import make_plan
 from linalign.models import LoadedModel, load_model
@@ -63,12 +63,11 @@ def check_same_vocabulary(a: LoadedModel, b: LoadedModel) -> None:
 
 
 def _capacity(prepared: Sequence[Prepared]) -> dict[int, int]:
-    """KV cells per model for decoding `prepared` to the end: every distinct context, prompt plus new tokens."""
+    """KV cells per model for decoding `prepared` to the end."""
     cells: dict[int, int] = {}
     for p in prepared:
-        contexts = {(t.model, tuple(ids)) for t, ids in zip(p.plan.terms, p.term_ids, strict=True)}
-        for model, ids in contexts:
-            cells[model] = cells.get(model, 0) + len(ids) + p.config.max_new_tokens
+        for model, n in kv_cells(p).items():
+            cells[model] = cells.get(model, 0) + n
     return cells
 
 

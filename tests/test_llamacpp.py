@@ -221,3 +221,50 @@ def test_random_gguf_loads_and_decodes(tmp_path, tokenizer):
     logits = backend.step(logits.argmax(dim=-1))
     assert logits.shape == (2, 49152) and torch.isfinite(logits).all()
     assert torch.allclose(logits[0], logits[1], atol=1e-3)
+
+
+def test_sequences_that_outgrow_the_cache_end_early_and_the_rest_decode_on(model, tokenizer):
+    from linalign import AlignConfig, Aligner, DecodeConfig
+    from linalign.models import LoadedModel
+
+    aligner = Aligner(LoadedModel(model=None, tokenizer=tokenizer, name="smollm2", runner=model))
+    align = AlignConfig(method="la", principles=[PRINCIPLE])
+    config = DecodeConfig(max_new_tokens=200, min_new_tokens=200)
+    first, second = (aligner.prepare(q, align, config) for q in QUESTIONS[:2])
+    decoder = aligner.decoder({0: 256})  # room for both prompts, not for both answers
+    assert decoder.fits([first, second]) and not decoder.fits([first] * 4)
+    decoder.add_many([("first", first), ("second", second)])
+    ends = {
+        e.key: (e.finish_reason, step) for step, events in enumerate(decoder.run()) for e in events if e.finish_reason
+    }
+    assert ends["second"][0] == "length" and ends["first"][1] > ends["second"][1]  # the newest yields first
+    assert model.context_length > 256 and not decoder.sequences
+
+
+def test_the_server_keeps_answering_when_requests_outgrow_its_cache(tmp_path, tokenizer):
+    """A model whose context (512) is the server's whole KV cache: concurrent requests that could fill it
+    several times over are all answered, and prompts that cannot fit at all are a 400."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import BadRequestError, OpenAI
+
+    from linalign import Aligner
+    from linalign.serve import create_app
+    from linalign.serve.server import serving
+
+    path = random_llama_gguf(tmp_path / "tiny-512.gguf", hidden=64, layers=2, context=512)
+    app = create_app(Aligner(str(path), backend="llamacpp"))
+    extra = {"linalign": {"method": "la", "principle": PRINCIPLE}}
+    with serving(app) as url:
+        client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+        def ask(question: str):
+            messages = [{"role": "user", "content": question}]
+            return client.chat.completions.create(model="m", messages=messages, max_tokens=200, extra_body=extra)
+
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(ask, QUESTIONS))
+        assert all(r.choices[0].finish_reason in ("length", "stop") for r in replies)
+        assert sum(r.usage.completion_tokens for r in replies) > 200
+        with pytest.raises(BadRequestError, match="do not fit the server's KV cache"):
+            ask("tell me more " * 80)  # ~240 tokens: each context fits the model, both together do not

@@ -191,6 +191,11 @@ class LlamaCppBackend:
         return len(self._seq)
 
     @property
+    def capacity(self) -> int:
+        """KV cells for all rows together: the decode loop admits sequences only while they fit."""
+        return self.n_ctx
+
+    @property
     def used(self) -> int:
         """KV cells held by all rows together."""
         return int(self._len.sum())

@@ -365,7 +365,7 @@ def create_app(
                 timeout=request_timeout,
             )
             batcher.submit(job)
-        except APIError as err:
+        except (APIError, LinalignError) as err:
             metrics.rejected.labels(reason="invalid").inc()
             raise err
         except QueueFull as err:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from linalign.decode import Prepared, TopLogprobs
 from linalign.engine import Aligner
+from linalign.errors import LinalignError
 from linalign.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,11 @@ class Batcher:
         with self._wake:
             if not self._accepting:
                 raise QueueFull("the server is shutting down")
+            if not self._decoder.fits(job.prepared, alone=True):
+                raise LinalignError(
+                    "the request's prompts do not fit the server's KV cache (every context of each of n copies); "
+                    "shorten the conversation or lower n"
+                )
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             self._pending.append(job)
@@ -209,6 +215,8 @@ class Batcher:
                 break
             if rows + job.n > self.max_batch or (jobs and tokens + job.prefill_tokens > self.max_prefill_tokens):
                 break
+            if not self._decoder.fits([p for j in (*jobs, job) for p in j.prepared]):
+                break  # it waits for running sequences to free KV cells
             self._pending.remove(job)
             jobs.append(job)
             rows, tokens = rows + job.n, tokens + job.prefill_tokens
