@@ -346,8 +346,11 @@ class Decoder:
         events = []
         for m, backend in self.backends.items():
             capacity = getattr(backend, "capacity", None)
-            while capacity and self.rows[m] and backend.used + self.rows[m] > capacity:
-                s = next(s for s in reversed(self.sequences) if m in s.first and not s.done)
+            while capacity and getattr(backend, "can_drop", True) and backend.used + self.rows[m] > capacity:
+                live = [s for s in self.sequences if m in s.first and not s.done]
+                if not live:
+                    break
+                s = live[-1]
                 s.text.finish()
                 s.done = True
                 events.append(Event(s.key, None, s.text.delta(final=True), "length"))
