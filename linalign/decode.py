@@ -140,7 +140,7 @@ class Decoder:
         for p in prepared:
             for m, cells in kv_cells(p, new_tokens=1).items():
                 need[m] += cells
-        return all(need[m] <= b.capacity for m, b in self.backends.items() if getattr(b, "capacity", None))
+        return all(need[m] <= b.kv_capacity for m, b in self.backends.items() if getattr(b, "kv_capacity", None))
 
     @property
     def can_add(self) -> bool:
@@ -345,7 +345,7 @@ class Decoder:
         ("length") and leave, so that the others decode on instead of the step failing for all."""
         events = []
         for m, backend in self.backends.items():
-            capacity = getattr(backend, "capacity", None)
+            capacity = getattr(backend, "kv_capacity", None)
             while capacity and getattr(backend, "can_drop", True) and backend.used + self.rows[m] > capacity:
                 live = [s for s in self.sequences if m in s.first and not s.done]
                 if not live:

@@ -4,7 +4,7 @@ The decode loop (`linalign.decode`) owns everything that is not the model: which
 sequence, how their logits combine, masks, processors, sampling and stop handling. A backend only runs
 the model. Rows are numbered in the order they were added; `keep` drops rows and keeps the others'
 relative order, so row `i` after `keep(rows)` is the row that was `rows[i]` before. A backend whose cache has a
-fixed number of KV cells for all rows says so as `capacity` (and the cells its rows hold as `used`); the decode
+fixed number of KV cells for all rows says so as `kv_capacity` (and the cells its rows hold as `used`); the decode
 loop then admits sequences only while their prompts fit, and ends the newest ones early where rows outgrow it.
 
     backend = loaded.open()                       # an empty set of rows over the loaded weights

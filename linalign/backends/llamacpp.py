@@ -191,7 +191,7 @@ class LlamaCppBackend:
         return len(self._seq)
 
     @property
-    def capacity(self) -> int:
+    def kv_capacity(self) -> int:
         """KV cells for all rows together: the decode loop admits sequences only while they fit."""
         return self.n_ctx
 
