@@ -52,9 +52,9 @@ def apply_mask(logits: torch.Tensor, mask: torch.Tensor, fallback: torch.Tensor)
     """Exclude tokens outside `mask`; rows left with no finite logit fall back to `fallback` under the mask."""
     masked = logits.masked_fill(~mask, float("-inf"))
     empty = ~torch.isfinite(masked).any(dim=-1, keepdim=True)
-    if empty.any():
-        masked = torch.where(empty, fallback.float().masked_fill(~mask, float("-inf")), masked)
-    return masked
+    if masked.device.type == "cpu" and not empty.any():  # elsewhere the select is cheaper than a host sync
+        return masked
+    return torch.where(empty, fallback.float().masked_fill(~mask, float("-inf")), masked)
 
 
 def min_p_mask(

@@ -61,13 +61,16 @@ def masked_scores(
     falling back to the anchor's own masked logits where nothing of `combined` is left."""
     if top_p is None:
         return combined
-    top_p = torch.as_tensor(top_p, dtype=torch.float32, device=combined.device).expand(len(combined))
-    masked = (top_p > 0) & (top_p < 1)
-    if not masked.any():
+    # Which rows are masked is decided on the host: on an accelerator a `.any()` would wait for the device.
+    values = top_p.tolist() if isinstance(top_p, torch.Tensor) else top_p
+    values = [float(values)] * len(combined) if isinstance(values, (int, float)) else [float(v) for v in values]
+    masked = [0 < v < 1 for v in values]
+    if not any(masked):
         return combined
-    if masked.all():
+    top_p = torch.tensor(values, dtype=torch.float32, device=combined.device)
+    if all(masked):
         return apply_mask(combined, plausibility_mask(anchor, top_p, temperature), fallback=anchor)
-    rows = masked.nonzero().squeeze(1)
+    rows = torch.tensor([i for i, m in enumerate(masked) if m], device=combined.device)
     temperature = torch.as_tensor(temperature, dtype=torch.float32, device=combined.device).expand(len(combined))
     out = combined.clone()
     mask = plausibility_mask(anchor[rows], top_p[rows], temperature[rows])
