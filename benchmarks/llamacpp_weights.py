@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from linalign import AlignConfig, Aligner, DecodeConfig
+import torch
+
+from linalign import Aligner
 from linalign.backends.gguf_random import random_llama_gguf
-from linalign.bench import PRINCIPLE, PROMPTS, _llama_cpp_plain
-from linalign.prompts import build_ids
-
-
-def best_seconds(run, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+from linalign.bench import PROMPTS, _llama_runs, _timed
 
 
 def main() -> None:
@@ -41,20 +32,13 @@ def main() -> None:
     path = random_llama_gguf(args.path, dtype=args.dtype)
     aligner = Aligner(str(path), backend="llamacpp")
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
-    config = DecodeConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
-    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=2.0)
-    prompting = AlignConfig(method="prompt", principles=[PRINCIPLE])
-    from llama_cpp import Llama
-
-    llm = Llama(str(path), n_ctx=2048, n_threads=aligner.main.runner.threads, verbose=False)
-    principled = [build_ids(aligner.tokenizer, p, PRINCIPLE) for p in prompts]
-    runs = {
-        "llama.cpp": lambda: _llama_cpp_plain(llm, principled, args.new_tokens),
-        "linalign-plain-llamacpp": lambda: aligner.generate(prompts, prompting, config),
-        "linalign-llamacpp": lambda: aligner.generate(prompts, align, config),
+    runs = _llama_runs(aligner, prompts, args.new_tokens, ratio=2.0)
+    runs["linalign-llamacpp"]()  # warm-up
+    cpu = torch.device("cpu")
+    speed = {
+        name: args.batch * args.new_tokens / min(_timed(run, cpu) for _ in range(args.repeats))
+        for name, run in runs.items()
     }
-    aligner.generate(prompts, align, config)  # warm-up
-    speed = {name: args.batch * args.new_tokens / best_seconds(run, args.repeats) for name, run in runs.items()}
     report = {
         "model": path.name,
         "weights": "random",
