@@ -302,7 +302,10 @@ def evaluate(
     extra_weight: Annotated[list[float] | None, typer.Option(help="Weight of each --extra-principle.")] = None,
     system: SystemOpt = None,
     temperature: TemperatureOpt = None,
-    seed: SeedOpt = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Sampling seed; each task's own is derived from it and the task's id.")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Replies per question (with --temperature).")] = 1,
     fluency: Annotated[bool, typer.Option(help="Perplexity of each reply under the plain model.")] = True,
     judge: Annotated[str | None, typer.Option(help="Local judge model (id, directory or .gguf).")] = None,
     judge_base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible judge endpoint.")] = None,
@@ -326,7 +329,7 @@ def evaluate(
     from linalign.evaluation.judges import RewardModel, endpoint_judge, local_judge
     from linalign.evaluation.report import PLOT, REPORT, write_reports
     from linalign.evaluation.runner import EvalSettings, judge_runs, run_eval
-    from linalign.evaluation.suites import build_tasks
+    from linalign.evaluation.suites import build_tasks, sampled
 
     if batch_size < 1:
         raise LinalignError(f"batch_size must be >= 1, got {batch_size}")
@@ -345,6 +348,7 @@ def evaluate(
         extra_weights=list(extra_weight or []),
         variants=_variants(kl_budgets, repeat_guards, masks, list(variant or [])),
         variant_ratios=_floats(variant_ratios or "", "--variant-ratios"),
+        samples=samples,
     )
     if settings.variants and "la" not in settings.methods:
         raise LinalignError("quality-option variants run Linear Alignment: add 'la' to --methods")
@@ -357,6 +361,7 @@ def evaluate(
     tasks = build_tasks(
         suite, file=file, principle=principle, limit=limit, only=[x.strip() for x in only.split(",")] if only else None
     )
+    tasks = sampled(tasks, samples)
     out = out or Path("runs") / f"eval-{suite}"
     console = Console()
     with console.status(f"loading {model}", spinner="dots"):

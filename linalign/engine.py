@@ -145,18 +145,21 @@ class Aligner:
         system: str | None = None,
         raw: bool = False,
         principles: Sequence[Sequence[str]] | None = None,
+        seeds: Sequence[int | None] | None = None,
     ) -> list[Prepared]:
         """`prepare` for every prompt; `principles[i]` replaces `align.principles` for prompt `i`, and prompt
-        `i` samples with seed `config.seed + i`, so its sample does not depend on its companions."""
+        `i` samples with seed `config.seed + i`, so its sample does not depend on its companions (or with
+        `seeds[i]`, given)."""
         if isinstance(prompts, str) or not prompts:
             raise LinalignError("prompts must be a non-empty list of prompts")
-        if principles is not None and len(principles) != len(prompts):
-            raise LinalignError(f"got principles for {len(principles)} prompts, but {len(prompts)} prompts")
+        for name, per_prompt in (("principles", principles), ("seeds", seeds)):
+            if per_prompt is not None and len(per_prompt) != len(prompts):
+                raise LinalignError(f"got {name} for {len(per_prompt)} prompts, but {len(prompts)} prompts")
         align = align or AlignConfig(method="base")
         config = config or DecodeConfig()
         aligns = [align if principles is None else replace(align, principles=list(p)) for p in principles or prompts]
         return [
-            self.prepare(p, a, config, system=system, raw=raw, seed=row_seed(config.seed, i))
+            self.prepare(p, a, config, system=system, raw=raw, seed=seeds[i] if seeds else row_seed(config.seed, i))
             for i, (p, a) in enumerate(zip(prompts, aligns, strict=True))
         ]
 
@@ -206,10 +209,13 @@ class Aligner:
         system: str | None = None,
         raw: bool = False,
         principles: Sequence[Sequence[str]] | None = None,
+        seeds: Sequence[int | None] | None = None,
     ) -> list[Generation]:
-        """Decode `prompts` as one batch and return one `Generation` per prompt."""
+        """Decode `prompts` as one batch and return one `Generation` per prompt (`prepare_batch`'s arguments)."""
         align = align or AlignConfig(method="base")
-        prepared = self.prepare_batch(prompts, align, config, system=system, raw=raw, principles=principles)
+        prepared = self.prepare_batch(
+            prompts, align, config, system=system, raw=raw, principles=principles, seeds=seeds
+        )
         start = time.perf_counter()
         texts, tokens, reasons = [""] * len(prompts), [[] for _ in prompts], ["length"] * len(prompts)
         for events in self.decode(prepared):

@@ -16,7 +16,7 @@ from linalign.evaluation.judges import judge_pairs, parse_verdict
 from linalign.evaluation.metrics import distinct_n, perplexities, repeated_ngram_rate
 from linalign.evaluation.report import summarise, write_reports
 from linalign.evaluation.runner import RECORDS, EvalSettings, judge_runs, read_records, run_eval
-from linalign.evaluation.suites import Task, build_tasks
+from linalign.evaluation.suites import Task, build_tasks, question_of, sampled
 from linalign.prompts import build_ids
 
 
@@ -100,6 +100,30 @@ def test_runner_refuses_a_directory_with_other_settings(tiny, tmp_path):
     changed = EvalSettings(suite="test", model="tiny", methods=["base"], max_new_tokens=3)
     with pytest.raises(LinalignError, match="max_new_tokens"):
         run_eval(aligner, _tasks()[:1], changed, tmp_path, show_progress=False)
+
+
+def test_samples_have_their_own_seeds_whatever_the_batching(tiny, tmp_path):
+    """Three samples a question: distinct replies, each reproduced exactly by another batching and a resume."""
+    settings = EvalSettings(
+        suite="test", model="tiny", methods=["la"], max_new_tokens=6, temperature=1.0, seed=7, samples=3
+    )
+    tasks = sampled(_tasks()[:2], settings.samples)
+    assert [t.id for t in tasks] == ["t0#0", "t0#1", "t0#2", "t1#0", "t1#1", "t1#2"]
+    assert {question_of(t.id) for t in tasks} == {"t0", "t1"}
+    aligner = Aligner(tiny)
+    together = run_eval(aligner, tasks, settings, tmp_path / "a", batch_size=6, show_progress=False, fluency=False)
+    run_eval(aligner, tasks[:2], settings, tmp_path / "b", batch_size=1, show_progress=False, fluency=False)
+    resumed = run_eval(aligner, tasks, settings, tmp_path / "b", batch_size=4, show_progress=False, fluency=False)
+    texts = {r["task"]: r["text"] for r in together}
+    assert {r["task"]: r["text"] for r in resumed} == texts
+    assert len({texts[f"t0#{k}"] for k in range(3)}) > 1  # the samples of one question differ
+
+
+def test_several_samples_need_sampling():
+    with pytest.raises(LinalignError, match="temperature"):
+        EvalSettings(suite="test", model="tiny", methods=["la"], samples=3).decode()
+    with pytest.raises(LinalignError, match="samples"):
+        EvalSettings(suite="test", model="tiny", methods=["la"], samples=0, temperature=0.7).decode()
 
 
 def test_judge_runs_resume_and_count(tiny, tmp_path):

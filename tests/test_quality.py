@@ -303,6 +303,21 @@ def test_pareto_marks_the_frontier_and_applies_the_rule():
     assert view["limits"] == {"perplexity": 3.0, "repeat4": 0.02}
 
 
+def test_pareto_resamples_questions_not_their_samples():
+    """Three samples of each question: the interval is that of the questions' mean scores, and the paired
+    difference pairs questions."""
+    from linalign.evaluation.pareto import bootstrap_interval, pareto
+    from linalign.evaluation.report import summarise
+
+    per_question = [True] * 6 + [False] * 4
+    a = [dict(r, task=f"{r['task']}#{k}") for k in range(3) for r in _records("la ratio=2", per_question, 3, 0.0)]
+    b = [dict(r, task=f"{r['task']}#{k}") for k in range(3) for r in _records("prompt", [False] * 10, 2, 0.0)]
+    view = pareto(a + b, summarise(a + b)["runs"])
+    entry = view["runs"]["la ratio=2"]
+    assert (entry["score_low"], entry["score_high"]) == bootstrap_interval([float(s) for s in per_question])
+    assert view["runs"]["prompt"]["vs_reference"]["tasks"] == 10
+
+
 def test_eval_sweeps_the_options_as_variants(tmp_path):
     from linalign.cli import _variants
     from linalign.evaluation.runner import EvalSettings

@@ -13,16 +13,20 @@ import random
 import statistics
 from collections import defaultdict
 
+from linalign.evaluation.suites import question_of
+
 BOOTSTRAP = 2000
 PERPLEXITY_FACTOR = 1.5
 
 
 def _scores_by_task(records: list[dict]) -> dict[str, dict[str, float]]:
-    runs: dict[str, dict[str, float]] = defaultdict(dict)
+    """Per run, each question's score: the mean over its samples, so intervals and paired differences
+    resample questions, not replies that share one."""
+    samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.get("score") is not None:
-            runs[r["run"]][r["task"]] = float(r["score"])
-    return runs
+            samples[r["run"]][question_of(r["task"])].append(float(r["score"]))
+    return {run: {q: statistics.fmean(s) for q, s in by_question.items()} for run, by_question in samples.items()}
 
 
 def _interval(samples: list[float]) -> tuple[float, float]:

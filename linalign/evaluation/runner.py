@@ -1,19 +1,22 @@
 """Run a suite over several methods and strengths: generate in batches, score, and stream results to JSONL.
 
 A rerun with the same output directory skips every (run, task) already recorded, so interrupted work is
-never lost; a directory produced with other settings is refused rather than mixed.
+never lost; a directory produced with other settings is refused rather than mixed. When sampling, every task
+has its own seed, derived from `--seed` and the task's id, so a reply does not depend on how the work was
+batched or resumed; `samples` > 1 asks each question several times (tasks `id#0`, `id#1`, ...).
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from linalign.config import AlignConfig, DecodeConfig
+from linalign.config import AlignConfig, DecodeConfig, row_seed
 from linalign.engine import Aligner
 from linalign.errors import LinalignError
 from linalign.evaluation.judges import RewardModel
@@ -50,6 +53,7 @@ class EvalSettings:
     # one dict per variant, each run at every ratio of `variant_ratios` beside the paper's own runs.
     variants: list[dict] = field(default_factory=list)
     variant_ratios: list[float] = field(default_factory=list)
+    samples: int = 1  # replies per question (sampling only)
 
     def runs(self) -> list[AlignConfig]:
         """One AlignConfig per (method, strength) of the sweep, then one per (variant, ratio) of Linear
@@ -79,7 +83,16 @@ class EvalSettings:
         return configs
 
     def decode(self) -> DecodeConfig:
+        if self.samples < 1:
+            raise LinalignError(f"samples must be >= 1, got {self.samples}")
+        if self.samples > 1 and self.temperature is None:
+            raise LinalignError("several samples per question need --temperature: greedy replies are all the same")
         return decode_config(self.max_new_tokens, temperature=self.temperature, seed=self.seed)
+
+
+def task_seed(seed: int | None, task_id: str) -> int | None:
+    """A task's own sampling seed: the same whichever batch it lands in, on a first run or a resume."""
+    return row_seed(seed, zlib.crc32(task_id.encode()))
 
 
 def configs_la(settings: EvalSettings) -> AlignConfig:
@@ -190,6 +203,7 @@ def _evaluate_batch(
         config,
         system=settings.system,
         principles=[[t.principle, *extras] for t in batch],
+        seeds=[task_seed(config.seed, t.id) for t in batch] if config.do_sample else None,
     )
     ppl: list[float | None] = [None] * len(batch)
     if fluency:

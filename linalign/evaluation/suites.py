@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from linalign.errors import LinalignError
@@ -88,3 +89,15 @@ def build_tasks(
             raise LinalignError("the files suite needs --file PATH (JSON or JSONL)")
         return file_tasks(file, principle, limit)
     raise LinalignError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+
+
+def sampled(tasks: Sequence[Task], samples: int) -> list[Task]:
+    """Each task `samples` times, as `id#0`, `id#1`, ... (the tasks themselves for one sample)."""
+    if samples == 1:
+        return list(tasks)
+    return [replace(t, id=f"{t.id}#{k}") for t in tasks for k in range(samples)]
+
+
+def question_of(task_id: str) -> str:
+    """The question a (possibly repeated) task asks: its id without the sample number."""
+    return task_id.rsplit("#", 1)[0]
