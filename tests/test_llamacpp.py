@@ -196,6 +196,22 @@ def test_rows_after_released_cells_stay_within_kernel_noise(model, pairs):
     assert torch.equal(logits.argmax(dim=-1), reference.argmax(dim=-1))
 
 
+def test_a_closed_backends_context_is_reused_with_empty_caches(model, pairs):
+    p, q = pairs[0]
+    first = model.open(256)
+    ctx, logits = first._ctx, first.add([p, q])
+    first.step(logits.argmax(dim=-1))
+    first.close()
+    second = model.open(200)  # the same padded size: the same context, with nothing left of the first rows
+    assert second._ctx is ctx and second.used == 0
+    assert torch.equal(second.add([p, q]), logits)
+    assert model.open(600)._ctx is not ctx  # another size gets its own
+    backends = [model.open(256) for _ in range(6)]
+    for b in backends:
+        b.close()
+    assert len(model._idle) <= 4  # the model keeps a few, and frees the rest
+
+
 def test_prompts_that_do_not_fit_raise(model, pairs):
     principled, _ = pairs[0]
     backend = model.open(256)  # llama.cpp rounds n_ctx up to a multiple of 256
