@@ -10,7 +10,9 @@
 `generate` decodes the principled context; the processor keeps the plain context in step with its own
 KV cache. This is the integration path; `Aligner` is faster because it fuses both contexts into one
 forward pass. One processor serves any number of `generate` calls on the same plain prompts (it starts
-over whenever `generate` does); beam search and several returned sequences per prompt are refused.
+over whenever `generate` does); beam search and several returned sequences per prompt are refused. The quality
+options of `AlignConfig` (`repeat_guard`, `kl_budget`, `mask`, `plausibility_min_p`) act as they do in `Aligner`;
+the guard counts the n-grams of the reply, the tokens `generate` adds after the prompt.
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ import torch
 from transformers import LogitsProcessor, PreTrainedModel
 
 from linalign.backends.transformers import TransformersBackend
+from linalign.combine import linear_combination
 from linalign.config import AlignConfig
 from linalign.errors import LinalignError
-from linalign.step import aligned_scores
+from linalign.methods import make_plan
+from linalign.step import RepeatGuard, aligned_scores, shaped_scores
 
 # generate applies these to the principled logits before any user processor; the plain ones would miss them.
 _PRE_PROCESSING = ("repetition_penalty", "no_repeat_ngram_size", "encoder_repetition_penalty", "bad_words_ids")
 
 
 class LinearAlignmentLogitsProcessor(LogitsProcessor):
-    """`l_p + ratio (l_p - l_0)` with the plausibility nucleus of `l_p` (at `temperature`), inside `generate`."""
+    """`l_p + ratio (l_p - l_0)` with the plausibility nucleus of `l_p` (at `temperature`), inside `generate`;
+    `options`: `AlignConfig`'s quality options (`repeat_guard=4`, `kl_budget=1`, `mask="min_p"`, ...)."""
 
     def __init__(
         self,
@@ -41,8 +46,14 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
         plausibility_top_p: float = 0.8,
         temperature: float = 1.0,
         pad_token_id: int | None = None,
+        **options: float | int | str,
     ) -> None:
-        config = AlignConfig(method="la", principles=["-"], ratio=ratio, plausibility_top_p=plausibility_top_p)
+        unknown = sorted(set(options) - {"repeat_guard", "kl_budget", "mask", "plausibility_min_p"})
+        if unknown:
+            raise LinalignError(f"unknown option(s) {', '.join(unknown)} of LinearAlignmentLogitsProcessor")
+        config = AlignConfig(
+            method="la", principles=["-"], ratio=ratio, plausibility_top_p=plausibility_top_p, **options
+        )
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise LinalignError(f"temperature must be a finite number > 0, got {temperature!r}")
         if not math.isfinite(temperature):
@@ -59,6 +70,8 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
         self.plain = plain_ids.tolist() if isinstance(plain_ids, torch.Tensor) else [list(r) for r in plain_ids]
         self.weights = (1.0 + config.ratio, -config.ratio)
         self.top_p = config.plausibility_top_p if config.mask_enabled else None
+        self.plan = make_plan(config)
+        self._guards: list[RepeatGuard] = []
         self.temperature = float(temperature)
         self.pad_token_id = pad_token_id if pad_token_id is not None else (defaults.pad_token_id or 0)
         self._backend: TransformersBackend | None = None
@@ -73,8 +86,16 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
         if self._backend is None or input_ids.shape[1] != self._length + 1:  # a new generate call
             self._backend = TransformersBackend(self.model, self.pad_token_id)
             plain_logits = self._backend.add(self.plain)
+            self._guards = [RepeatGuard(self.plan.repeat_guard) for _ in self.plain] if self.plan.repeat_guard else []
         else:
             plain_logits = self._backend.step(input_ids[:, -1])
+            for guard, token in zip(self._guards, input_ids[:, -1].tolist() if self._guards else [], strict=True):
+                guard.push(token)
         self._length = input_ids.shape[1]
-        terms = [scores.float(), plain_logits.to(scores.device)]
-        return aligned_scores(terms, self.weights, anchor=0, top_p=self.top_p, temperature=self.temperature)
+        terms = [scores.float(), plain_logits.to(scores.device).float()]
+        if not self.plan.shaped:
+            return aligned_scores(terms, self.weights, anchor=0, top_p=self.top_p, temperature=self.temperature)
+        combined = linear_combination(terms, self.weights)
+        rows = len(self.plain)
+        banned = [g.banned() for g in self._guards] or [set()] * rows
+        return shaped_scores(combined, terms[0], terms[1], [self.plan] * rows, [self.temperature] * rows, banned)

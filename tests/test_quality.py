@@ -10,8 +10,9 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import hf_greedy
 
-from linalign import AlignConfig, Aligner, DecodeConfig
+from linalign import AlignConfig, Aligner, DecodeConfig, LinearAlignmentLogitsProcessor
 from linalign.errors import LinalignError
 from linalign.evaluation import checkers
 from linalign.evaluation.datasets import load_principles, load_questions
@@ -158,6 +159,22 @@ def test_option_equals_its_reference_loop_batched(tiny_aligner, tiny, name, rati
     for question, tokens in zip(QUESTIONS, got, strict=True):
         principled, plain = build_ids(tiny.tokenizer, question, PRINCIPLE), build_ids(tiny.tokenizer, question)
         assert tokens == reference_options(tiny, principled, plain, ratio, N, **_reference_kwargs(options))
+
+
+@pytest.mark.parametrize("name", ["guard2", "kl_mid", "min_p", "intersect", "all"])
+def test_logits_processor_takes_the_options_and_equals_the_reference(tiny, name):
+    """The options inside `transformers`' own `generate`, one prompt, token for token against the reference."""
+    options = OPTIONS[name]
+    question = QUESTIONS[1]
+    principled, plain = build_ids(tiny.tokenizer, question, PRINCIPLE), build_ids(tiny.tokenizer, question)
+    processor = LinearAlignmentLogitsProcessor(tiny.model, [plain], ratio=RATIO, **options)
+    got = hf_greedy(tiny, principled, N, logits_processor=[processor])
+    expected = reference_options(tiny, principled, plain, RATIO, N, **_reference_kwargs(options))
+    assert got == expected[: len(got)] and len(got) in (N, len(expected))
+    with pytest.raises(LinalignError, match="unknown option"):
+        LinearAlignmentLogitsProcessor(tiny.model, [plain], repeat_gaurd=4)
+    with pytest.raises(LinalignError, match="repeat_guard"):
+        LinearAlignmentLogitsProcessor(tiny.model, [plain], repeat_guard=1)
 
 
 CYCLE = (300, 301, 302)
