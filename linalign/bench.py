@@ -13,6 +13,9 @@ Where the model is a `.gguf` file and llama.cpp is installed, also `llama.cpp` (
 decoding through its high-level API, one prompt at a time), `linalign-llamacpp` and `linalign-plain-llamacpp`
 (2 and 3 on the llama.cpp backend).
 
+With `options` (quality options of `AlignConfig`, e.g. `{"repeat_guard": 4}`), also 2 with them:
+`linalign-options` (and `linalign-options-llamacpp`), to price an option against the paper's step in one run.
+
 With `compile=True`, also 2 and 3 on the compiled, static-cache path (`linalign.backends.compiled`):
 `linalign-compiled` and `linalign-plain-compiled`; their first run (the compilation) is timed apart, as
 `compile_seconds`. `random_init=NAME` measures a model of a shipped config's shape with random weights
@@ -26,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -120,25 +123,41 @@ def _llama_cpp_plain(llm, prompts: list[list[int]], steps: int) -> None:
                 break
 
 
-def _llama_runs(llama: Aligner, prompts: list[str], new_tokens: int, ratio: float) -> dict[str, Callable[[], object]]:
+def _aligned_runs(aligner: Aligner, prompts: list[str], new_tokens: int, ratio: float, options: dict | None):
+    """linalign's Linear Alignment (with `options` too, where given) and its plain decoding."""
+    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio)
+    prompting = AlignConfig(method="prompt", principles=[PRINCIPLE])
+    config = DecodeConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    runs = {
+        "linalign": lambda: aligner.generate(prompts, align, config),
+        "linalign-plain": lambda: aligner.generate(prompts, prompting, config),
+    }
+    if options:
+        shaped = replace(align, **options)
+        runs["linalign-options"] = lambda: aligner.generate(prompts, shaped, config)
+    return runs
+
+
+def _llama_runs(
+    llama: Aligner, prompts: list[str], new_tokens: int, ratio: float, options: dict | None = None
+) -> dict[str, Callable[[], object]]:
     """llama.cpp's own plain decoding and linalign's on the llama.cpp backend."""
     from llama_cpp import Llama
 
     principled = [build_ids(llama.tokenizer, p, PRINCIPLE) for p in prompts]
     runner = llama.main.runner
     llm = Llama(str(runner.path), n_ctx=2048, n_threads=runner.threads, verbose=False)
-    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio)
-    prompting = AlignConfig(method="prompt", principles=[PRINCIPLE])
-    config = DecodeConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    return {
-        "llama.cpp": lambda: _llama_cpp_plain(llm, principled, new_tokens),
-        "linalign-llamacpp": lambda: llama.generate(prompts, align, config),
-        "linalign-plain-llamacpp": lambda: llama.generate(prompts, prompting, config),
-    }
+    runs = {"llama.cpp": lambda: _llama_cpp_plain(llm, principled, new_tokens)}
+    return runs | {f"{k}-llamacpp": v for k, v in _aligned_runs(llama, prompts, new_tokens, ratio, options).items()}
 
 
 def _runs(
-    aligner: Aligner, prompts: list[str], new_tokens: int, ratio: float, compiled: Aligner | None = None
+    aligner: Aligner,
+    prompts: list[str],
+    new_tokens: int,
+    ratio: float,
+    compiled: Aligner | None = None,
+    options: dict | None = None,
 ) -> dict[str, Callable[[], object]]:
     """One zero-argument callable per method, all decoding `prompts` to exactly `new_tokens` tokens."""
     tok, hf, device = aligner.tokenizer, aligner.main.model, aligner.main.device
@@ -148,20 +167,15 @@ def _runs(
     p_ids, p_mask, _ = left_padded(principled, pad, device)
     n_ids, n_mask, _ = left_padded(plain, pad, device)
     forced = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad}
-    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio)
-    prompting = AlignConfig(method="prompt", principles=[PRINCIPLE])
-    config = DecodeConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     cfg = {"guidance_scale": 1 + ratio, "negative_prompt_ids": n_ids, "negative_prompt_attention_mask": n_mask}
     runs = {
         "generate": lambda: hf.generate(p_ids, attention_mask=p_mask, **forced),
-        "linalign": lambda: aligner.generate(prompts, align, config),
-        "linalign-plain": lambda: aligner.generate(prompts, prompting, config),
+        **_aligned_runs(aligner, prompts, new_tokens, ratio, options),
         "hf-cfg": lambda: hf.generate(p_ids, attention_mask=p_mask, **cfg, **forced),
         "two-pass": lambda: _two_pass(hf, principled, plain, ratio, new_tokens, pad),
     }
     if compiled is not None:
-        runs["linalign-compiled"] = lambda: compiled.generate(prompts, align, config)
-        runs["linalign-plain-compiled"] = lambda: compiled.generate(prompts, prompting, config)
+        runs |= {f"{k}-compiled": v for k, v in _aligned_runs(compiled, prompts, new_tokens, ratio, options).items()}
     return runs
 
 
@@ -195,6 +209,7 @@ def run_benchmark(
     compile: bool = False,
     random_init: str | None = None,
     methods: tuple[str, ...] | None = None,
+    options: dict | None = None,
 ) -> dict:
     """Measure every method (or those in `methods`; `generate` always) at every batch size; best of `repeats`
     runs each. Compiled methods run after all eager ones, so the static caches and CUDA graphs they keep do not
@@ -215,9 +230,9 @@ def run_benchmark(
     for phase in ("eager", "compiled"):
         for batch in batches:
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-            runs = _runs(aligner, prompts, new_tokens, ratio, compiled)
+            runs = _runs(aligner, prompts, new_tokens, ratio, compiled, options)
             if llama is not None:
-                runs |= _llama_runs(llama, prompts, new_tokens, ratio)
+                runs |= _llama_runs(llama, prompts, new_tokens, ratio, options)
             runs = {
                 k: v
                 for k, v in runs.items()
@@ -249,6 +264,7 @@ def run_benchmark(
         "threads": torch.get_num_threads(),
         "new_tokens": new_tokens,
         "ratio": ratio,
+        "options": options or {},
         "model_load_seconds": round(load_seconds, 2),
         "llamacpp_load_seconds": llama_seconds,
         "compile_seconds": compile_seconds,  # first run of each compiled method: compilation and one decode

@@ -201,7 +201,7 @@ def _variants(kl_budgets: str | None, repeat_guards: str | None, masks: str | No
             key = key.strip()
             if key not in ("ratio", "kl_budget", "repeat_guard", "mask", "plausibility_min_p") or not value.strip():
                 raise LinalignError(
-                    f"--variant takes ratio=, kl_budget=, repeat_guard=, mask= and plausibility_min_p=, got {part!r}"
+                    f"options are ratio=, kl_budget=, repeat_guard=, mask= and plausibility_min_p=, got {part!r}"
                 )
             options[key] = value.strip() if key == "mask" else _floats(value, "--variant")[0]
             if key == "repeat_guard":
@@ -229,9 +229,21 @@ def bench(
     random_init: Annotated[
         str | None, typer.Option(help="Measure a shipped config's shape (llama-3.2-1b, ...) with random weights.")
     ] = None,
+    options: Annotated[
+        str | None,
+        typer.Option(help="Quality options priced as extra rows, e.g. 'repeat_guard=4' or 'mask=min_p,kl_budget=1'."),
+    ] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="Rows to measure, comma-separated (generate always runs: the floor).")
+    ] = None,
 ) -> None:
     """Tokens/s and peak memory of Linear Alignment vs plain generate, HF CFG and two separate passes."""
     from linalign.bench import run_benchmark, write_report
+    from linalign.config import AlignConfig
+
+    extra = _variants(None, None, None, [options])[0] if options else None
+    if extra is not None:
+        AlignConfig(method="la", principles=["-"], **extra)  # bad values are refused before anything loads
 
     console = Console()
     with console.status("benchmarking", spinner="dots") as status:
@@ -246,6 +258,8 @@ def bench(
             progress=status.update,
             compile=compile,
             random_init=random_init,
+            methods=tuple(m.strip() for m in methods.split(",")) if methods else None,
+            options=extra,
         )
     write_report(report, out)
     table = Table(

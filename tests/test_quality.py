@@ -362,7 +362,7 @@ def test_eval_sweeps_the_options_as_variants(tmp_path):
         "la ratio=2 guard=4",
         "la ratio=8 guard=4",
     ]
-    with pytest.raises(LinalignError, match="--variant takes"):
+    with pytest.raises(LinalignError, match="options are ratio="):
         _variants(None, None, None, ["top_k=3"])
     pinned = EvalSettings(
         "principles", "m", ["la"], ratios=[2.0], variants=_variants(None, None, None, ["ratio=8,kl_budget=1"])
