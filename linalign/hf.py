@@ -89,8 +89,9 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
             self._guards = [RepeatGuard(self.plan.repeat_guard) for _ in self.plain] if self.plan.repeat_guard else []
         else:
             plain_logits = self._backend.step(input_ids[:, -1])
-            for guard, token in zip(self._guards, input_ids[:, -1].tolist() if self._guards else [], strict=True):
-                guard.push(token)
+            if self._guards:
+                for guard, token in zip(self._guards, input_ids[:, -1].tolist(), strict=True):
+                    guard.push(token)
         self._length = input_ids.shape[1]
         terms = [scores.float(), plain_logits.to(scores.device).float()]
         if not self.plan.shaped:
