@@ -5,7 +5,9 @@ the benchmark's prompts to a forced length with llama.cpp's own plain greedy dec
 and linalign's Linear Alignment (both on the llama.cpp backend), best of `--repeats`, and prints tokens/s and
 the ratios. Random weights make the figures speed-only.
 
-    python benchmarks/llamacpp_weights.py --new-tokens 64 --batch 1
+    python benchmarks/llamacpp_weights.py --dtype f16 --new-tokens 128 --batch 1
+
+On a CPU with few cores only F16 weights make reads dominate: Q8_0 is bound by arithmetic there too.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="q8_0", choices=("q8_0", "f16"))
-    parser.add_argument("--path", type=Path, default=Path("runs/random-llama-2048x16-q8_0.gguf"))
+    parser.add_argument("--path", type=Path, help="default: runs/random-llama-2048x16-<dtype>.gguf")
     args = parser.parse_args()
-    path = random_llama_gguf(args.path, dtype=args.dtype)
+    # the file name carries the type: an existing file is reused, so one type must never stand in for another
+    path = random_llama_gguf(args.path or Path(f"runs/random-llama-2048x16-{args.dtype}.gguf"), dtype=args.dtype)
     aligner = Aligner(str(path), backend="llamacpp")
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     runs = _llama_runs(aligner, prompts, args.new_tokens, ratio=2.0)

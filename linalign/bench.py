@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from linalign.backends.transformers import TransformersBackend, left_padded
+from linalign.compute import on_compute_thread
 from linalign.config import AlignConfig, DecodeConfig
 from linalign.engine import Aligner
 from linalign.models import LoadedModel, load_model, pick_backend, resolve
@@ -197,6 +198,7 @@ def _timed(run: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+@on_compute_thread
 def run_benchmark(
     model: str | None = None,
     batches: tuple[int, ...] = (1, 8),

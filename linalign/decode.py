@@ -22,6 +22,7 @@ import torch
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
 from linalign.backends import Backend
+from linalign.compute import on_compute_thread
 from linalign.config import DecodeConfig
 from linalign.methods import Plan
 from linalign.step import RepeatGuard, choose, logits_processors, masked_scores, sampling_warpers, shaped_scores
@@ -158,6 +159,7 @@ class Decoder:
         """Prefill `prepared` and let it decode from the next step on."""
         self.add_many([(key, prepared)])
 
+    @on_compute_thread
     def add_many(self, items: Sequence[tuple[Hashable, Prepared]]) -> None:
         """Prefill several sequences in one forward pass per model."""
         if not items:
@@ -204,6 +206,7 @@ class Decoder:
             if s.key == key and not s.done:
                 s.cancelled = True
 
+    @on_compute_thread
     def step(self) -> list[Event]:
         """Choose one token for every sequence and report what happened; finished sequences leave."""
         events = []

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from linalign.backends import Backend
 from linalign.backends.compiled import CompiledBackend, CompiledModel
 from linalign.backends.transformers import TransformersBackend
+from linalign.compute import on_compute_thread
 from linalign.errors import LinalignError
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class LoadedModel:
             self.model = load_model(self.source, backend="transformers").model
         return self.model
 
+    @on_compute_thread
     def open(self, capacity: int | None = None, compile: bool = False) -> Backend:
         """A fresh, empty set of rows over these weights (`capacity`: a hint of the KV cells needed);
         `compile`: a static cache stepped by `torch.compile` (`linalign.backends.compiled`)."""
@@ -232,6 +234,7 @@ def _prepared_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeniz
     return tokenizer
 
 
+@on_compute_thread
 def load_model(
     spec: str | None = None, *, dtype: str = "float32", device: str = "cpu", backend: str = "transformers"
 ) -> LoadedModel:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from linalign.compute import on_compute_thread
 from linalign.errors import LinalignError
 
 JUDGE_TEMPLATE = """You compare two responses to the same request.
@@ -105,6 +106,7 @@ def judge_pairs(
 class RewardModel:
     """Scores (question, answer) pairs with a sequence-classification reward model (first logit)."""
 
+    @on_compute_thread
     def __init__(self, name: str, device: str = "cpu") -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -123,6 +125,7 @@ class RewardModel:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         return f"{question}\n\n{answer}"
 
+    @on_compute_thread
     @torch.inference_mode()
     def score(self, questions: Sequence[str], answers: Sequence[str], batch_size: int = 8) -> list[float]:
         scores: list[float] = []

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from linalign.backends.transformers import left_padded
+from linalign.compute import on_compute_thread
 from linalign.models import LoadedModel
 
 _WORD = re.compile(r"\w+(?:'\w+)?")
@@ -39,6 +40,7 @@ def repeated_ngram_rate(text: str, n: int = 4) -> float | None:
     return repeats / len(grams)
 
 
+@on_compute_thread
 @torch.inference_mode()
 def perplexities(
     loaded: LoadedModel, contexts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], batch_size: int = 8

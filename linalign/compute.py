@@ -1,0 +1,63 @@
+"""One thread for linalign's tensor work in a process.
+
+PyTorch's CPU ops run on OpenMP, and libgomp keeps a pool of worker threads for every thread that starts
+parallel work, for as long as that thread lives. Once the pools together hold more threads than there are
+cores, libgomp stops spinning between parallel regions and every op waits for its workers to wake up. On this
+project's 2-core machine a decode step then took 1.6-1.9x as long, on every thread of the process: the server
+loaded its model on the main thread and decoded on its worker thread, and paid that on every token.
+
+So loading, decoding, scoring and the benchmark run on one long-lived thread: a call from any other thread
+hands its work over and waits; a call already on it runs directly. Calls from several threads take turns,
+one whole call (one decode step, one load) at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_work: queue.SimpleQueue[tuple[Future, Callable[[], object]]] = queue.SimpleQueue()
+_thread: threading.Thread | None = None
+_start_lock = threading.Lock()
+
+
+def _serve() -> None:
+    while True:
+        future, call = _work.get()
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(call())
+            except BaseException as err:  # handed to the caller, whatever it is
+                future.set_exception(err)
+
+
+def compute_thread() -> threading.Thread:
+    """The thread (started on first use; a daemon, so an interrupted program can still exit)."""
+    global _thread
+    with _start_lock:
+        if _thread is None:
+            _thread = threading.Thread(target=_serve, name="linalign-compute", daemon=True)
+            _thread.start()
+    return _thread
+
+
+def on_compute_thread(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn`, run on the compute thread whatever thread calls it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        thread = compute_thread()
+        if threading.current_thread() is thread:
+            return fn(*args, **kwargs)
+        future: Future = Future()
+        _work.put((future, functools.partial(fn, *args, **kwargs)))
+        return future.result()
+
+    return wrapper
