@@ -14,6 +14,7 @@ one whole call (one decode step, one load) at a time.
 from __future__ import annotations
 
 import functools
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -26,6 +27,15 @@ R = TypeVar("R")
 _work: queue.SimpleQueue[tuple[Future, Callable[[], object]]] = queue.SimpleQueue()
 _thread: threading.Thread | None = None
 _start_lock = threading.Lock()
+
+
+def _forget_parent() -> None:
+    """A forked child has no copy of the parent's threads: it starts its own compute thread on first use."""
+    global _work, _thread, _start_lock
+    _work, _thread, _start_lock = queue.SimpleQueue(), None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_parent)
 
 
 def _serve() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 
 import pytest
@@ -42,6 +43,16 @@ def test_errors_reach_the_caller():
     with pytest.raises(ValueError, match="raised on the compute thread"):
         _fail()
     assert _where() is compute_thread()  # the thread survives the error
+
+
+def _name_of_compute_thread() -> str:
+    return _where().name
+
+
+def test_a_forked_child_starts_its_own_compute_thread():
+    assert _where() is compute_thread()  # running in the parent before the fork
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_name_of_compute_thread).get(timeout=60) == "linalign-compute"
 
 
 def test_loading_and_decoding_from_two_threads_stay_on_one(tiny, tokenizer, tmp_path, monkeypatch):
