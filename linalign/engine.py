@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+from linalign.compute import on_compute_thread
 from linalign.config import AlignConfig, DecodeConfig, row_seed
 from linalign.decode import Decoder, Event, Prepared, kv_cells
 from linalign.errors import LinalignError
@@ -200,6 +201,7 @@ class Aligner:
         for events in self.decode(prepared, cancelled):
             yield [TextDelta(e.key, e.text, e.finish_reason) for e in events if e.text or e.finish_reason]
 
+    @on_compute_thread  # the whole call at once: one hand-over instead of one a step
     def generate(
         self,
         prompts: Sequence[Prompt],
