@@ -6,9 +6,11 @@ cores, libgomp stops spinning between parallel regions and every op waits for it
 project's 2-core machine a decode step then took 1.6-1.9x as long, on every thread of the process: the server
 loaded its model on the main thread and decoded on its worker thread, and paid that on every token.
 
-So loading, decoding, scoring and the benchmark run on one long-lived thread: a call from any other thread
-hands its work over and waits; a call already on it runs directly. Calls from several threads take turns,
-one whole call (one decode step, one load) at a time.
+So decoding, scoring and the benchmark run on one long-lived thread: a call from any other thread hands its
+work over and waits; a call already on it runs directly. Calls from several threads take turns, one whole call
+(one `generate`, one decode step) at a time. Loading runs on a thread of its own that ends with it, taking its
+pool along: a program that loads a model with linalign and then runs it on its own thread (`generate` with
+linalign's logits processor) keeps one pool too.
 """
 
 from __future__ import annotations
@@ -68,6 +70,27 @@ def on_compute_thread(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         future: Future = Future()
         _work.put((future, functools.partial(fn, *args, **kwargs)))
+        return future.result()
+
+    return wrapper
+
+
+def on_own_thread(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn`, run on a new thread that ends when it returns (and with it, the OpenMP pool its work started)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as err:  # handed to the caller, whatever it is
+                future.set_exception(err)
+
+        thread = threading.Thread(target=run, name=f"linalign-{fn.__name__}", daemon=True)
+        thread.start()
+        thread.join()  # interruptible: Ctrl-C leaves the (daemon) thread behind
         return future.result()
 
     return wrapper

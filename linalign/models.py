@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from linalign.backends import Backend
 from linalign.backends.compiled import CompiledBackend, CompiledModel
 from linalign.backends.transformers import TransformersBackend
-from linalign.compute import on_compute_thread
+from linalign.compute import on_compute_thread, on_own_thread
 from linalign.errors import LinalignError
 
 if TYPE_CHECKING:
@@ -234,7 +234,7 @@ def _prepared_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeniz
     return tokenizer
 
 
-@on_compute_thread
+@on_own_thread
 def load_model(
     spec: str | None = None, *, dtype: str = "float32", device: str = "cpu", backend: str = "transformers"
 ) -> LoadedModel:

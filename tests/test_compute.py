@@ -1,4 +1,5 @@
-"""Tensor work on one thread: loading and decoding run on the compute thread, whichever thread asks."""
+"""Tensor work on one thread: decoding runs on the compute thread whichever thread asks; loading on a thread
+that ends with it."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def test_a_forked_child_starts_its_own_compute_thread():
 
 
 def test_loading_and_decoding_from_two_threads_stay_on_one(tiny, tokenizer, tmp_path, monkeypatch):
-    """Where the server loads (its main thread) and where it decodes (its worker) no longer differ."""
+    """Loading runs on a thread that has ended by the time the model is back (its pool gone with it), and every
+    forward pass on the compute thread, whether the server's worker or the main thread asks."""
     seen: set[threading.Thread] = set()
 
     def recording(method):
@@ -74,6 +76,9 @@ def test_loading_and_decoding_from_two_threads_stay_on_one(tiny, tokenizer, tmp_
     tokenizer.save_pretrained(tmp_path)
 
     aligner = Aligner(models.load_model(str(tmp_path)))
+    (loader,) = seen
+    assert loader not in (compute_thread(), threading.current_thread()) and not loader.is_alive()
+    seen.clear()
     align = AlignConfig(method="la", principles=["Answer in lowercase letters only."])
     config = DecodeConfig(max_new_tokens=4)
     here = aligner.generate(["Say hi."], align, config)[0].token_ids
