@@ -75,7 +75,8 @@ def _capacity(prepared: Sequence[Prepared]) -> dict[int, int]:
 class Aligner:
     """A model (and optionally DeRa's reference model) ready to decode with any method.
 
-    Thread-safe: every call decodes in its own batch and cache over the shared weights.
+    Thread-safe: every call decodes in its own batch and cache over the shared weights, on linalign's compute
+    thread (`linalign.compute`) whichever thread calls.
     """
 
     def __init__(
