@@ -10,7 +10,7 @@ pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.slow  # runs the real built-in model (through llama.cpp)
 
 from linalign.backends.gguf_random import random_llama_gguf  # noqa: E402
-from linalign.backends.llamacpp import LlamaCppModel  # noqa: E402
+from linalign.backends.llamacpp import LlamaCppModel, shared_prefixes  # noqa: E402
 from linalign.errors import LinalignError  # noqa: E402
 from linalign.models import builtin_gguf  # noqa: E402
 from linalign.prompts import build_ids, with_system  # noqa: E402
@@ -136,6 +136,33 @@ def test_batched_logits_equal_single_rows(model, pairs):
     together = backend.add([ids for pair in pairs for ids in pair])
     alone = torch.stack([uncached_logits(model, ids) for pair in pairs for ids in pair])
     assert torch.equal(together, alone)
+
+
+def test_shared_prefixes_enter_the_batch_once():
+    prompts = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4], [1, 2], [7]]
+    tokens, positions, holders, last = shared_prefixes(prompts)
+    assert len(tokens) == 6  # (1) (1 2) (1 2 3) (1 2 3 4) (1 2 5) (7)
+    for i, prompt in enumerate(prompts):
+        mine = [e for e in range(len(tokens)) if i in holders[e]]  # in batch order
+        assert [tokens[e] for e in mine] == prompt
+        assert [positions[e] for e in mine] == list(range(len(prompt)))
+        assert last[i] == mine[-1]
+    assert last[0] == last[2]
+
+
+def test_copies_and_prefixes_of_other_prompts_decode_as_if_alone(model, pairs):
+    """Identical prompts and a prompt that is the start of another share cells, then part on their own tokens."""
+    (principled, plain), (other, _) = pairs[0], pairs[1]
+    prompts = [principled, plain, principled, principled[:-3], other, plain]
+    nexts = torch.tensor([10, 11, 12, 13, 14, 15])
+    backend = model.open(sum(map(len, prompts)) + 2 * len(prompts))
+    together = [backend.add(prompts), backend.step(nexts), backend.step(nexts + 1)]
+    for i, ids in enumerate(prompts):
+        alone = model.open(len(ids) + 2)
+        expected = [alone.add([ids]), alone.step(nexts[i : i + 1]), alone.step(nexts[i : i + 1] + 1)]
+        alone.close()
+        for shared, own in zip(together, expected, strict=True):
+            assert torch.equal(shared[i], own[0])
 
 
 def test_large_passes_change_logits_only_by_kernel_noise(model, pairs):

@@ -18,6 +18,7 @@ exposes llama.cpp's own so tests can check that both agree.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import threading
@@ -185,17 +186,64 @@ class _Batch:
         self.n_seq_id = np.ones(size, np.int32)
         self.seq = np.zeros(size, np.int32)
         self.logits = np.zeros(size, np.int8)
-        # one seq id per token: pointer i points at seq[i]
-        self.seq_ptrs = (ctypes.POINTER(_ll.llama_seq_id) * size)(
-            *(ctypes.cast(self.seq.ctypes.data + 4 * i, ctypes.POINTER(_ll.llama_seq_id)) for i in range(size))
-        )
+        self._one_each = self.seq.ctypes.data + 4 * np.arange(size, dtype=np.uintp)  # token i -> seq[i]
+        self._shared = np.zeros(0, np.int32)  # the seq ids of tokens that belong to several sequences
         self.c = _ll.llama_batch()
         self.c.token = self.token.ctypes.data_as(ctypes.POINTER(_ll.llama_token))
         self.c.embd = None
         self.c.pos = self.pos.ctypes.data_as(ctypes.POINTER(_ll.llama_pos))
         self.c.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self.c.seq_id = self.seq_ptrs
         self.c.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+
+    def fill(self, tokens: np.ndarray, pos: np.ndarray, seqs: np.ndarray | list[list[int]], want) -> None:
+        """Write `n` tokens; `seqs` is one sequence per token, or for each token the list of its sequences."""
+        n = len(tokens)
+        self.token[:n], self.pos[:n] = tokens, pos
+        self.logits[:n] = 1 if want is None else want
+        if isinstance(seqs, np.ndarray):
+            self.seq[:n], self.n_seq_id[:n] = seqs, 1
+            self._point(self._one_each)
+        else:
+            counts = np.fromiter(map(len, seqs), np.int32, n)
+            self._shared = np.fromiter(itertools.chain.from_iterable(seqs), np.int32, int(counts.sum()))
+            self.n_seq_id[:n] = counts
+            starts = (np.cumsum(counts) - counts).astype(np.uintp)
+            self._point(self._shared.ctypes.data + 4 * starts)
+        self.c.n_tokens = n
+
+    def _point(self, addresses: np.ndarray) -> None:
+        self._addresses = addresses  # kept alive while llama.cpp reads it
+        self.c.seq_id = ctypes.cast(addresses.ctypes.data, ctypes.POINTER(ctypes.POINTER(_ll.llama_seq_id)))
+
+
+def shared_prefixes(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[list[int]], list[int]]:
+    """The tokens of `prompts` with every prefix that several share (a system prompt, a principle, copies of one
+    prompt) once: per entry its token, position and the prompts that hold it, each prompt's positions in
+    increasing order; and the entry of each prompt's last token.
+
+    Sorted prompts share the most with their neighbour, so one pass over them builds the prefix tree.
+    """
+    tokens: list[int] = []
+    positions: list[int] = []
+    holders: list[list[int]] = []
+    last = [0] * len(prompts)
+    before: Sequence[int] = ()
+    path: list[int] = []  # entries of the previous prompt's tokens
+    for i in sorted(range(len(prompts)), key=lambda i: list(prompts[i])):
+        prompt = prompts[i]
+        common = next(
+            (k for k, (a, b) in enumerate(zip(prompt, before, strict=False)) if a != b), min(len(prompt), len(before))
+        )
+        path = path[:common]
+        for entry in path:
+            holders[entry].append(i)
+        for position in range(common, len(prompt)):
+            path.append(len(tokens))
+            tokens.append(prompt[position])
+            positions.append(position)
+            holders.append([i])
+        last[i], before = path[-1], prompt
+    return tokens, positions, holders, last
 
 
 class LlamaCppBackend:
@@ -234,25 +282,32 @@ class LlamaCppBackend:
         return int(self._len.sum())
 
     def add(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Prefill `prompts` as new rows in as few `llama_decode` calls as the batch size allows."""
+        """Prefill `prompts` as new rows in as few `llama_decode` calls as the batch size allows; a prefix several
+        of them share is computed once, its cells held by every sequence that has it (`shared_prefixes`)."""
         lengths = np.array([len(p) for p in prompts], np.int32)
         self._release()
         self._check_room(lengths)
         seqs = np.array([self._free.pop() for _ in prompts], np.int32)
-        tokens = np.concatenate([np.asarray(p, np.int32) for p in prompts]) if prompts else np.zeros(0, np.int32)
-        ends = np.cumsum(lengths)
-        pos = np.arange(len(tokens), dtype=np.int32) - np.repeat(ends - lengths, lengths)
-        seq = np.repeat(seqs, lengths)
+        tokens, positions, holders, last = shared_prefixes(prompts)
         want = np.zeros(len(tokens), np.int8)
-        want[ends - 1] = 1
+        want[last] = 1
+        owners = [[int(seqs[h]) for h in held] for held in holders]
         self._seq = np.concatenate([self._seq, seqs])
         self._len = np.concatenate([self._len, lengths])
         size = len(self._batch.token)
         out = [
-            self._decode(tokens[i : i + size], pos[i : i + size], seq[i : i + size], want[i : i + size])
+            self._decode(
+                np.array(tokens[i : i + size], np.int32),
+                np.array(positions[i : i + size], np.int32),
+                owners[i : i + size],
+                want[i : i + size],
+            )
             for i in range(0, len(tokens), size)
         ]
-        return torch.cat(out) if out else torch.zeros(0, self.model.vocab_size)
+        if not out:
+            return torch.zeros(0, self.model.vocab_size)
+        row_of_entry = np.cumsum(want) - 1  # logits come back for the marked entries, in order
+        return torch.cat(out)[torch.from_numpy(row_of_entry[last])]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token to every row in one `llama_decode`; next-token logits of every row."""
@@ -308,16 +363,13 @@ class LlamaCppBackend:
                 f"(of {self.n_ctx}); ask for a larger capacity"
             )
 
-    def _decode(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, want: np.ndarray | None) -> torch.Tensor:
+    def _decode(
+        self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray | list[list[int]], want: np.ndarray | None
+    ) -> torch.Tensor:
         """One `llama_decode` of up to n_batch tokens; float32 logits of the positions marked in `want`."""
         n = len(tokens)
-        b = self._batch
-        b.token[:n] = tokens
-        b.pos[:n] = pos
-        b.seq[:n] = seq
-        b.logits[:n] = 1 if want is None else want
-        b.c.n_tokens = n
-        status = _ll.llama_decode(self._ctx, b.c)
+        self._batch.fill(tokens, pos, seq, want)
+        status = _ll.llama_decode(self._ctx, self._batch.c)
         if status != 0:
             raise LinalignError(f"llama.cpp could not decode the batch (status {status}: no room in the KV cache?)")
         n_out = n if want is None else int(want.sum())
