@@ -1,13 +1,13 @@
 """The llama.cpp backend: GGUF models run by `llama-cpp-python`'s low-level API, every row a llama.cpp sequence.
 
-Each row of the decode loop is one llama.cpp sequence (`seq_id`) with its own KV cells in one unified cache, so
-one `llama_decode` advances every context of every sequence together — one read of the weights per step, which
-is what makes the second context of Linear Alignment cheap. Prefill of new rows is batched the same way, with
-logits requested only at each row's last position, and a prefix several new rows share (a system prompt, a
-principle, copies of one prompt) enters the batch once, its cells held by every one of them: fewer tokens to
-prefill, and cheaper steps after, since every row's attention runs over all the cells in use. Dropped rows give their cells and their `seq_id` back, and
-a closed (or collected) backend gives its context back to the model, emptied, for the next one of that size:
-creating a context costs ~40 ms, a fifth of a 48-token reply's decoding on the built-in model.
+Each row of the decode loop is one llama.cpp sequence (`seq_id`) with its own KV cells in one unified cache, so one
+`llama_decode` advances every context of every sequence together — one read of the weights per step, which is what
+makes the second context of Linear Alignment cheap. Prefill of new rows is batched the same way, with logits
+requested only at each row's last position, and a prefix several new rows share (a system prompt, a principle,
+copies of one prompt) enters the batch once, its cells held by every one of them: fewer tokens to prefill, and
+cheaper steps after, since every row's attention runs over all the cells in use. Dropped rows give their cells and
+their `seq_id` back, and a closed (or collected) backend gives its context back to the model, emptied, for the next
+one of that size: creating a context costs ~40 ms, a fifth of a 48-token reply's decoding on the built-in model.
 
 Tokenisation stays with the Hugging Face tokenizer (the engine hands token ids over); `LlamaCppModel.tokenize`
 exposes llama.cpp's own so tests can check that both agree.
