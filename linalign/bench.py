@@ -139,6 +139,24 @@ def _aligned_runs(aligner: Aligner, prompts: list[str], new_tokens: int, ratio: 
     return runs
 
 
+def llama_step_ms(llama: Aligner, rows: int, steps: int = 32) -> float:
+    """Milliseconds of one llama.cpp decode step of `rows` rows (best of three runs). Linear Alignment steps two
+    rows a sequence where plain decoding steps one, so one row's time over two rows' bounds the speed it can
+    reach against plain decoding on these weights and this machine, whatever linalign does around the step."""
+    ids = build_ids(llama.tokenizer, PROMPTS[0], PRINCIPLE)
+    tokens = torch.full((rows,), ids[-1])
+    best = float("inf")
+    for _ in range(3):
+        backend = llama.main.runner.open(rows * (len(ids) + steps))
+        backend.add([ids] * rows)
+        start = time.perf_counter()
+        for _ in range(steps):
+            backend.step(tokens)
+        best = min(best, (time.perf_counter() - start) / steps)
+        backend.close()
+    return best * 1000
+
+
 def _llama_runs(
     llama: Aligner, prompts: list[str], new_tokens: int, ratio: float, options: dict | None = None
 ) -> dict[str, Callable[[], object]]:
@@ -258,6 +276,7 @@ def run_benchmark(
         floor = best[(m.batch, "generate")]
         m.speed_vs_generate = m.tokens_per_s / floor.tokens_per_s
         m.memory_vs_generate = m.peak_mb / floor.peak_mb
+    step_ms = {rows: round(llama_step_ms(llama, rows), 2) for rows in (1, 2)} if llama is not None else None
     return {
         "model": loaded.name,
         "weights": "random" if loaded.random_weights else "pretrained",
@@ -269,6 +288,7 @@ def run_benchmark(
         "options": options or {},
         "model_load_seconds": round(load_seconds, 2),
         "llamacpp_load_seconds": llama_seconds,
+        "llamacpp_step_ms": step_ms,  # one decode step of 1 and of 2 rows: Linear Alignment's bound is the ratio
         "compile_seconds": compile_seconds,  # first run of each compiled method: compilation and one decode
         "results": [asdict(m) for m in results],
     }

@@ -281,6 +281,12 @@ def bench(
     console.print(table)
     if report["compile_seconds"]:
         console.print(f"first run of each compiled method (compilation included), s: {report['compile_seconds']}")
+    if report["llamacpp_step_ms"]:
+        one, two = report["llamacpp_step_ms"][1], report["llamacpp_step_ms"][2]
+        console.print(
+            f"llama.cpp decode step: 1 row {one:.1f} ms, 2 rows {two:.1f} ms: on these weights Linear Alignment "
+            f"(2 rows a sequence) can reach at most {one / two:.2f}x llama.cpp's plain decoding at batch 1"
+        )
     console.print(f"model load: {report['model_load_seconds']} s; report written to {out}")
 
 

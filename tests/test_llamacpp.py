@@ -165,6 +165,20 @@ def test_copies_and_prefixes_of_other_prompts_decode_as_if_alone(model, pairs):
             assert torch.equal(shared[i], own[0])
 
 
+def test_the_benchmark_times_steps_of_one_and_two_rows(monkeypatch):
+    from linalign import Aligner
+    from linalign.backends.llamacpp import LlamaCppBackend
+    from linalign.bench import llama_step_ms
+
+    rows: list[int] = []
+    step = LlamaCppBackend.step
+    monkeypatch.setattr(LlamaCppBackend, "step", lambda self, tokens: rows.append(len(tokens)) or step(self, tokens))
+    llama = Aligner(backend="llamacpp")
+    assert llama_step_ms(llama, 1, steps=2) > 0 and rows == [1] * 6
+    rows.clear()
+    assert llama_step_ms(llama, 2, steps=2) > 0 and rows == [2] * 6
+
+
 def test_large_passes_change_logits_only_by_kernel_noise(model, pairs):
     """The default (512-token passes) prefills batches with the tiled attention kernel: close, not equal."""
     fast = LlamaCppModel(builtin_gguf(), threads=1)
