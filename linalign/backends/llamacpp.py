@@ -197,7 +197,9 @@ class _Batch:
         self.c.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         self.c.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
 
-    def fill(self, tokens: np.ndarray, pos: np.ndarray, seqs: np.ndarray | list[list[int]], want) -> None:
+    def fill(
+        self, tokens: np.ndarray, pos: np.ndarray, seqs: np.ndarray | list[list[int]], want: np.ndarray | None
+    ) -> None:
         """Write `n` tokens; `seqs` is one sequence per token, or for each token the list of its sequences."""
         n = len(tokens)
         self.token[:n], self.pos[:n] = tokens, pos
