@@ -40,14 +40,19 @@ def _forget_parent() -> None:
 os.register_at_fork(after_in_child=_forget_parent)
 
 
+def _settle(future: Future, call: Callable[[], object]) -> None:
+    """Run `call` into `future`: its result, or whatever it raised, for the waiting caller."""
+    try:
+        future.set_result(call())
+    except BaseException as err:  # handed to the caller, whatever it is
+        future.set_exception(err)
+
+
 def _serve() -> None:
     while True:
         future, call = _work.get()
         if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(call())
-            except BaseException as err:  # handed to the caller, whatever it is
-                future.set_exception(err)
+            _settle(future, call)
 
 
 def compute_thread() -> threading.Thread:
@@ -81,14 +86,8 @@ def on_own_thread(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         future: Future = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as err:  # handed to the caller, whatever it is
-                future.set_exception(err)
-
-        thread = threading.Thread(target=run, name=f"linalign-{fn.__name__}", daemon=True)
+        call = functools.partial(fn, *args, **kwargs)
+        thread = threading.Thread(target=_settle, args=(future, call), name=f"linalign-{fn.__name__}", daemon=True)
         thread.start()
         thread.join()  # interruptible: Ctrl-C leaves the (daemon) thread behind
         return future.result()

@@ -130,8 +130,8 @@ class Decoder:
     ) -> None:
         self.backends, self.tokenizer = backends, tokenizer
         self.eos_ids = list(eos_ids)
-        self._eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
         self.device = torch.device(device)
+        self._eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         self.sequences: list[_Sequence] = []  # in row order
         self.rows: dict[int, int] = dict.fromkeys(backends, 0)  # rows held per model
         self.logits: dict[int, torch.Tensor] = {}  # per model: next-token logits of every row
