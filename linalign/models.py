@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +145,12 @@ def _dequantised(gguf: Path) -> Path:
     model.generation_config.save_pretrained(tmp)
     safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a crash mid-write never leaves a half cache behind
+    try:
+        tmp.rename(target)  # atomic: a crash mid-write never leaves a half cache behind
+    except OSError:  # another process converted the same file first: its copy is as good as ours
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
