@@ -118,10 +118,59 @@ def generate(
     mask: MaskKindOpt = "top_p",
     min_p: MinPOpt = 0.1,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of tables.")] = False,
+    input_path: Annotated[
+        Path | None, typer.Option("--input", help="A batch job: JSONL records (prompt or messages, id, ...).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="The batch job's JSONL answers; a rerun resumes it.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Records decoded together in a batch job.")] = 8,
+    ray: Annotated[bool, typer.Option("--ray", help="Run the batch job on a local Ray cluster (127.0.0.1).")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Run the batch job on this Ray cluster (HOST:PORT).")] = None,
+    replicas: Annotated[int, typer.Option(help="Ray replicas, each with its own model.")] = 1,
+    cpus_per_replica: Annotated[float, typer.Option(help="CPUs a Ray replica reserves (its threads).")] = 1.0,
+    gpus_per_replica: Annotated[float, typer.Option(help="GPUs a Ray replica reserves.")] = 0.0,
 ) -> None:
-    """Generate with each method, side by side, for every prompt (one batch per method)."""
+    """Generate with each method, side by side, for every prompt (one batch per method); with --input, a
+    resumable batch job over a JSONL file, on this machine or on Ray replicas (docs/scaling.md)."""
     from linalign.engine import Aligner
 
+    if input_path is not None:
+        from linalign.jobs import JobSettings, generate_job
+
+        if prompts or messages is not None:
+            raise LinalignError("give questions, --messages or --input, one of them")
+        la_options = {} if kl_budget is None and mask == "top_p" else {"kl_budget": kl_budget, "mask": mask}
+        settings = JobSettings(
+            input=str(input_path.resolve()),
+            model=model,
+            ref_model=ref_model,
+            dtype=dtype,
+            device=device,
+            backend=backend,
+            compile=compile,
+            methods=parse_methods(method),
+            principles=list(principle or []),
+            knobs={"ratio": ratio, "weights": weight, "lam": lam, "plausibility_top_p": plausibility_top_p}
+            | {"amulet_iterations": amulet_iterations, "amulet_eta": amulet_eta, "amulet_alpha": amulet_alpha}
+            | {"amulet_lambda": amulet_lambda, "repeat_guard": repeat_guard},
+            la_options=la_options | ({"plausibility_min_p": min_p} if la_options else {}),
+            decode=vars(decode_config(max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
+            | {"stop": [unescape(s) for s in stop or []], "repetition_penalty": repetition_penalty},
+            system=system,
+            raw=raw,
+        )
+        generate_job(
+            settings,
+            output,
+            batch_size=batch_size,
+            ray=ray,
+            ray_address=ray_address,
+            replicas=replicas,
+            cpus_per_replica=cpus_per_replica,
+            gpus_per_replica=gpus_per_replica,
+        )
+        return
+    if output is not None or ray or ray_address is not None:
+        raise LinalignError("--output and --ray belong to a batch job: give its records with --input FILE")
     inputs = _read_prompts(prompts or [], messages)
     aligns = align_configs(
         parse_methods(method),

@@ -128,20 +128,34 @@ def open_for_append(path: Path):
     return path.open("a")
 
 
+def check_settings(
+    path: Path, current: dict, defaults: dict, *, growable: Sequence[str] = (), target: str, remedy: str
+) -> dict | None:
+    """The settings stored at `path` (keys added since they were written count as their `defaults`), or None
+    where there are none; results made with other settings are refused rather than mixed, except that the
+    `growable` keys may differ (a sweep may grow)."""
+    if not path.exists():
+        return None
+    previous = defaults | json.loads(path.read_text())
+    changed = sorted(k for k in current.keys() | previous.keys() if current.get(k) != previous.get(k))
+    changed = [k for k in changed if k not in growable]
+    if changed:
+        raise LinalignError(f"{target} holds results made with other settings ({', '.join(changed)} differ); {remedy}")
+    return previous
+
+
 def _guard_settings(out: Path, settings: EvalSettings) -> None:
     path = out / SETTINGS
     current = asdict(settings)
-    if path.exists():
-        # Settings added since those results were written count as their defaults.
-        previous = asdict(EvalSettings(suite="", model="", methods=[])) | json.loads(path.read_text())
-        changed = sorted(k for k in current.keys() | previous.keys() if current.get(k) != previous.get(k))
-        growable = ("methods", "ratios", "lams", "variants", "variant_ratios")
-        changed = [k for k in changed if k not in growable]  # a sweep may grow
-        if changed:
-            raise LinalignError(
-                f"{out} holds results made with other settings ({', '.join(changed)} differ); "
-                "choose another --out directory"
-            )
+    previous = check_settings(
+        path,
+        current,
+        asdict(EvalSettings(suite="", model="", methods=[])),
+        growable=("methods", "ratios", "lams", "variants", "variant_ratios"),
+        target=str(out),
+        remedy="choose another --out directory",
+    )
+    if previous is not None:
         for key in ("methods", "ratios", "lams", "variant_ratios"):
             current[key] = sorted(set(previous[key]) | set(current[key]), key=str)
         current["variants"] = previous["variants"] + [v for v in current["variants"] if v not in previous["variants"]]
