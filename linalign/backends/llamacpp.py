@@ -9,6 +9,16 @@ cheaper steps after, since every row's attention runs over all the cells in use.
 their `seq_id` back, and a closed (or collected) backend gives its context back to the model, emptied, for the next
 one of that size: creating a context costs ~40 ms, a fifth of a 48-token reply's decoding on the built-in model.
 
+Every row's logits are those of the row decoded alone, bit for bit, whatever else shares its passes (batch
+invariance): llama.cpp's attention, with flash attention on, sums over a row's own cells in cell order and skips
+every other cell, and three rules keep that sum the same in any company (`LlamaCppModel`'s docstring says why each
+is needed): passes are cut to at most `ubatch` (32) tokens, so every pass takes the kernel a decode step takes;
+a pass never holds a single token while the cache is large (a one-row step gets a throwaway ghost row), since a
+lone query takes a kernel that splits its sum across threads; and a row's new tokens always land after its old
+ones in the cache: dropped rows' cells are not handed out again while other rows live, but all at once when the
+last row goes, or, when the cache runs out of room, by compaction — the live rows' tokens prefilled again, in
+order, into the emptied cache.
+
 Tokenisation stays with the Hugging Face tokenizer (the engine hands token ids over); `LlamaCppModel.tokenize`
 exposes llama.cpp's own so tests can check that both agree.
 
@@ -41,7 +51,10 @@ except ImportError:  # pragma: no cover - exercised only where the extra is abse
 log = logging.getLogger("linalign.llamacpp")
 
 _MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: seq ids must stay below it
-_MAX_BATCH = 2048  # tokens per llama_decode call; longer prefills are split
+_GHOST = _MAX_SEQ - 1  # the sequence of the throwaway row that keeps one-row passes at two tokens
+_UBATCH = 32  # tokens per pass: under llama.cpp's 64, from which attention takes a tiled kernel
+_SPLIT_KV_FROM = 512  # cells in view from which a single-token pass splits its attention sum across threads
+_KV_PAD = 256  # llama.cpp pads the cells in view to a multiple of this
 _CTX_PAD = 256  # llama.cpp's granularity of n_ctx, and >= _MAX_SEQ
 _IDLE_CONTEXTS = 4  # contexts a model keeps for reuse after their rows are done (creating one takes ~40 ms)
 _GGML_LOG_ERROR = 3
@@ -84,13 +97,22 @@ def physical_cores() -> int:
 class LlamaCppModel:
     """A GGUF model loaded once; `open` gives independent sets of rows (contexts) over its weights.
 
-    `threads` defaults to the physical cores. `ubatch` is the most tokens llama.cpp computes in one pass.
-    llama.cpp's CPU attention switches to a tiled kernel from 64 query tokens in a pass, which moves logits by
-    up to ~1 on quantised models; with `ubatch` below 64 every pass takes the kernel a decode step takes, so
-    results do not depend on how prompts were batched or cached (tests use it; on CPU prefill barely slows).
+    `threads` defaults to the physical cores. `ubatch` is the most tokens llama.cpp computes in one pass. The
+    defaults make every row's logits independent of what shares its passes (see the module docstring), measured
+    on the built-in model:
+
+    - llama.cpp's CPU attention takes a tiled kernel from 64 query tokens in a pass: the same prompt prefilled
+      alone and beside another differs by up to 0.69 in its first logits with 512-token passes, by 0 with 32;
+    - a pass of one token with 512 or more cells in view splits the attention sum across threads: a one-row step
+      differs from the same row's step beside another by up to 0.71;
+    - with flash attention off, the attention sums run over every cell of the cache, the other rows' included,
+      so a row's logits depend on where its cells lie (flash attention on, llama.cpp's CPU default, skips them;
+      off, as `llama_cpp.Llama` sets it, the first logits differ from it by up to 0.43).
+
+    A `ubatch` of 64 or more prefills faster but gives up that invariance.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None, ubatch: int = 512) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None, ubatch: int = _UBATCH) -> None:
         _init_llama()
         self.path = Path(path)
         if not self.path.is_file():
@@ -141,10 +163,13 @@ class LlamaCppModel:
                     return self._idle.pop(i)[1]
         params = _ll.llama_context_default_params()
         params.n_ctx = n_ctx
-        params.n_batch = min(_MAX_BATCH, n_ctx)
+        # `LlamaCppBackend` cuts the passes itself; the batch size only sizes the output buffers, which llama.cpp
+        # wants to hold a token of every sequence.
+        params.n_batch = min(max(self.ubatch, _MAX_SEQ), n_ctx)
         params.n_ubatch = min(self.ubatch, params.n_batch)
         params.n_seq_max = _MAX_SEQ
         params.kv_unified = True  # rows share one pool of cells: the capacity is a total, not per row
+        params.flash_attn_type = _ll.LLAMA_FLASH_ATTN_TYPE_ENABLED  # attention over a row's own cells only
         params.n_threads = params.n_threads_batch = self.threads
         params.no_perf = True
         ctx = _ll.llama_init_from_model(self._model, params)
@@ -220,6 +245,13 @@ class _Batch:
         self.c.seq_id = ctypes.cast(addresses.ctypes.data, ctypes.POINTER(ctypes.POINTER(_ll.llama_seq_id)))
 
 
+def passes(n: int, most: int) -> list[int]:
+    """Sizes of the passes that compute `n` tokens, at most `most` each and as even as can be, so that no pass
+    holds a single token unless `n` is one."""
+    count = -(-n // most)
+    return [n // count + (i < n % count) for i in range(count)]
+
+
 def shared_prefixes(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[list[int]], list[int]]:
     """The tokens of `prompts` with every prefix that several share (a system prompt, a principle, copies of one
     prompt) once: per entry its token, position and the prompts that hold it, each prompt's positions in
@@ -264,12 +296,20 @@ class LlamaCppBackend:
         self._ctx = ctx
         self._memory = _ll.llama_get_memory(ctx)
         self.n_ctx: int = _ll.llama_n_ctx(ctx)
+        self._pass = _ll.llama_n_ubatch(ctx)
         self._batch = _Batch(_ll.llama_n_batch(ctx))
         self._seq = np.zeros(0, np.int32)  # llama.cpp sequence of each row
         self._len = np.zeros(0, np.int32)  # tokens held by each row (= next position)
-        self._free = list(range(_MAX_SEQ - 1, -1, -1))  # unused seq ids, smallest last (popped first)
-        self._dropped: list[int] = []  # seq ids of dropped rows whose cells are not yet released
-        self._dropped_cells = 0
+        self._history: list[list[int]] = []  # each row's tokens, to prefill them again when the cache is compacted
+        self._clear()
+
+    def _clear(self) -> None:
+        """Empty the cache: every cell and sequence id free, no ghost."""
+        _ll.llama_memory_clear(self._memory, False)
+        self._free = [s for s in range(_MAX_SEQ - 1, -1, -1) if s != _GHOST]  # smallest last (popped first)
+        self._dropped: list[int] = []  # seq ids of dropped rows, their cells still held
+        self._filled = 0  # cells handed out since the cache was emptied: none is ever handed out twice
+        self._ghost = 0  # tokens of the ghost row
 
     @property
     def rows(self) -> int:
@@ -286,76 +326,95 @@ class LlamaCppBackend:
         return int(self._len.sum())
 
     def add(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Prefill `prompts` as new rows in as few `llama_decode` calls as the batch size allows; a prefix several
-        of them share is computed once, its cells held by every sequence that has it (`shared_prefixes`)."""
+        """Prefill `prompts` as new rows; a prefix several of them share is computed once, its cells held by
+        every sequence that has it (`shared_prefixes`)."""
         lengths = np.array([len(p) for p in prompts], np.int32)
-        self._release()
         self._check_room(lengths)
-        seqs = np.array([self._free.pop() for _ in prompts], np.int32)
         tokens, positions, holders, last = shared_prefixes(prompts)
-        want = np.zeros(len(tokens), np.int8)
-        want[last] = 1
-        owners = [[int(seqs[h]) for h in held] for held in holders]
+        if self._filled + len(tokens) + 1 > self.n_ctx or len(prompts) > len(self._free):
+            self._compact()
+        seqs = np.array([self._free.pop() for _ in prompts], np.int32)
         self._seq = np.concatenate([self._seq, seqs])
         self._len = np.concatenate([self._len, lengths])
-        size = len(self._batch.token)
-        out = [
-            self._decode(
-                np.array(tokens[i : i + size], np.int32),
-                np.array(positions[i : i + size], np.int32),
-                owners[i : i + size],
-                want[i : i + size],
-            )
-            for i in range(0, len(tokens), size)
-        ]
-        if not out:
+        self._history += [list(p) for p in prompts]
+        return self._prefill(tokens, positions, [[int(seqs[h]) for h in held] for held in holders], last)
+
+    def _prefill(
+        self, tokens: list[int], positions: list[int], owners: list[list[int]], last: list[int]
+    ) -> torch.Tensor:
+        """Compute the entries of a prefill in passes; the logits of the entries `last`."""
+        if not tokens:
             return torch.zeros(0, self.model.vocab_size)
+        want = np.zeros(len(tokens), np.int8)
+        want[last] = 1
+        out, start = [], 0
+        for size in passes(len(tokens), self._pass):
+            end = start + size
+            out.append(
+                self._decode(
+                    np.array(tokens[start:end], np.int32),
+                    np.array(positions[start:end], np.int32),
+                    owners[start:end],
+                    want[start:end],
+                )
+            )
+            start = end
         row_of_entry = np.cumsum(want) - 1  # logits come back for the marked entries, in order
         return torch.cat(out)[torch.from_numpy(row_of_entry[last])]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token to every row in one `llama_decode`; next-token logits of every row."""
+        """Append one token to every row; next-token logits of every row."""
         if len(tokens) != self.rows:
             raise ValueError(f"step needs one token per row: {self.rows} rows, {len(tokens)} tokens")
         if not self.rows:
             return torch.zeros(0, self.model.vocab_size)
-        if self.used + self._dropped_cells + self.rows > self.n_ctx:
-            self._release()
         if self.used + self.rows > self.n_ctx:
             raise LinalignError(
                 f"the sequences outgrew the {self.n_ctx} KV cells reserved for them; ask for a larger capacity"
             )
-        if self.rows and self._len.max() >= self.model.context_length:
+        if self._len.max() >= self.model.context_length:
             raise LinalignError(f"a sequence reached the model's context of {self.model.context_length} tokens")
+        if self._filled + self.rows + 1 > self.n_ctx:
+            self._compact()
+        new = tokens.numpy().astype(np.int32)
+        for history, token in zip(self._history, new.tolist(), strict=True):
+            history.append(token)
         pos = self._len.copy()
         self._len += 1
-        return self._decode(tokens.numpy(), pos, self._seq, None)
+        out, start = [], 0
+        for size in passes(self.rows, self._pass):
+            end = start + size
+            out.append(self._decode(new[start:end], pos[start:end], self._seq[start:end], None))
+            start = end
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Drop every other row; their cells and sequence ids return to the pool.
-
-        The cells are released lazily, at the next `add` or when a step needs the room. llama.cpp sums attention
-        over cells in cell order, and on quantised models a reordered sum moves logits by up to ~1: while rows
-        only finish, the survivors' new tokens keep landing after their old ones, so their logits stay exactly
-        those of a batch without the dropped rows.
-        """
+        """Drop every other row. Their cells are not handed out again while other rows live (see the module
+        docstring): all are freed when the last row goes, or by compaction when the cache needs the room."""
         keep = np.zeros(self.rows, bool)
         keep[torch.as_tensor(rows, dtype=torch.long).numpy()] = True
         self._dropped += self._seq[~keep].tolist()
-        self._dropped_cells += int(self._len[~keep].sum())
         self._seq, self._len = self._seq[keep], self._len[keep]
+        self._history = [h for h, k in zip(self._history, keep.tolist(), strict=True) if k]
+        if not self.rows:
+            self._clear()
 
-    def _release(self) -> None:
-        for seq in self._dropped:
-            _ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
-        self._free += self._dropped
-        self._dropped, self._dropped_cells = [], 0
+    def _compact(self) -> None:
+        """Free the dropped rows' cells by prefilling the live rows again, in order, into the emptied cache:
+        bit for bit the cells they had, and every row's cells in the order of its tokens."""
+        log.debug("compacting: %d live rows, %d cells handed out of %d", self.rows, self._filled, self.n_ctx)
+        histories, lengths = self._history, self._len
+        self._clear()
+        self._seq = np.array([self._free.pop() for _ in histories], np.int32)
+        self._len = lengths
+        tokens, positions, holders, last = shared_prefixes(histories)
+        self._prefill(tokens, positions, [[int(self._seq[h]) for h in held] for held in holders], last)
 
     def _check_room(self, lengths: np.ndarray) -> None:
         if len(lengths) and lengths.min() < 1:
             raise LinalignError("a prompt has no tokens")
-        if len(lengths) > len(self._free):
-            raise LinalignError(f"llama.cpp holds at most {_MAX_SEQ} rows at once; use smaller batches")
+        if len(lengths) + self.rows > _MAX_SEQ - 1:
+            raise LinalignError(f"llama.cpp holds at most {_MAX_SEQ - 1} rows at once; use smaller batches")
         longest = int(lengths.max()) if len(lengths) else 0
         if longest > self.model.context_length:
             raise LinalignError(
@@ -370,17 +429,34 @@ class LlamaCppBackend:
     def _decode(
         self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray | list[list[int]], want: np.ndarray | None
     ) -> torch.Tensor:
-        """One `llama_decode` of up to n_batch tokens; float32 logits of the positions marked in `want`."""
+        """One `llama_decode` of one pass; float32 logits of the positions marked in `want` (all if None)."""
         n = len(tokens)
+        n_out = n if want is None else int(want.sum())
+        if n == 1 and self._ghost_needed():
+            tokens, pos, seq, want = self._with_ghost(tokens, pos, seq, want)
         self._batch.fill(tokens, pos, seq, want)
         status = _ll.llama_decode(self._ctx, self._batch.c)
         if status != 0:
             raise LinalignError(f"llama.cpp could not decode the batch (status {status}: no room in the KV cache?)")
-        n_out = n if want is None else int(want.sum())
+        self._filled += len(tokens)
         if n_out == 0:
             return torch.zeros(0, self.model.vocab_size)
         view = np.ctypeslib.as_array(_ll.llama_get_logits(self._ctx), shape=(n_out, self.model.vocab_size))
         return torch.from_numpy(view.copy())  # llama.cpp reuses the buffer at the next decode
+
+    def _ghost_needed(self) -> bool:
+        """Whether a single-token pass now could see 512 cells or more (`LlamaCppModel`'s docstring)."""
+        filled = self._filled + 2
+        return self.n_ctx >= _SPLIT_KV_FROM and _SPLIT_KV_FROM - _KV_PAD < filled <= self.n_ctx
+
+    def _with_ghost(self, tokens: np.ndarray, pos: np.ndarray, seq, want: np.ndarray | None) -> tuple:
+        """The pass with the ghost row's next token after the real one: two tokens, the one-chunk kernel. The
+        ghost's cells are never read by any other row, and go with the next emptying of the cache."""
+        ghost_seq = [[_GHOST]] if isinstance(seq, list) else np.array([_GHOST], np.int32)
+        seqs = seq + ghost_seq if isinstance(seq, list) else np.concatenate([seq, ghost_seq])
+        wanted = np.array([1 if want is None else want[0], 0], np.int8)
+        self._ghost += 1
+        return np.append(tokens, tokens[0]), np.append(pos, self._ghost - 1), seqs, wanted
 
     def close(self) -> None:
         """Hand the context back to the model for reuse (its caches emptied)."""
