@@ -22,6 +22,10 @@ from linalign.options import (
     BackendOpt,
     CompileOpt,
     DeviceOpt,
+    DryAllowedOpt,
+    DryBaseOpt,
+    DryBreakerOpt,
+    DryMultiplierOpt,
     DtypeOpt,
     LamOpt,
     MaskOpt,
@@ -117,6 +121,10 @@ def generate(
     repeat_guard: RepeatGuardOpt = 0,
     mask: MaskKindOpt = "top_p",
     min_p: MinPOpt = 0.1,
+    dry_multiplier: DryMultiplierOpt = None,
+    dry_base: DryBaseOpt = None,
+    dry_allowed_length: DryAllowedOpt = None,
+    dry_breaker: DryBreakerOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of tables.")] = False,
     input_path: Annotated[
         Path | None, typer.Option("--input", help="A batch job: JSONL records (prompt or messages, id, ...).")
@@ -184,6 +192,10 @@ def generate(
         amulet_alpha=amulet_alpha,
         amulet_lambda=amulet_lambda,
         repeat_guard=repeat_guard,
+        dry_multiplier=dry_multiplier,
+        dry_base=dry_base,
+        dry_allowed_length=dry_allowed_length,
+        dry_breakers=[unescape(b) for b in dry_breaker] if dry_breaker else None,
     )
     aligns = _with_la_options(aligns, kl_budget, mask, min_p)
     if any(a.method == "dera" for a in aligns) and ref_model is None:
@@ -234,6 +246,10 @@ def _with_la_options(aligns: list, kl_budget: float | None, mask: str, min_p: fl
     return [replace(a, **options) if a.method == "la" else a for a in aligns]
 
 
+VARIANT_KEYS = ("ratio", "kl_budget", "repeat_guard", "mask", "plausibility_min_p")
+VARIANT_KEYS += ("dry_multiplier", "dry_base", "dry_allowed_length")  # the loop penalty (default breakers)
+
+
 def _variants(kl_budgets: str | None, repeat_guards: str | None, masks: str | None, variant: list[str]) -> list[dict]:
     """Quality-option variants for the eval sweep: one per listed value, and one per --variant, given as
     'kl_budget=1,repeat_guard=3,mask=min_p,plausibility_min_p=0.05'."""
@@ -248,12 +264,10 @@ def _variants(kl_budgets: str | None, repeat_guards: str | None, masks: str | No
         for part in text.split(","):
             key, _, value = part.partition("=")
             key = key.strip()
-            if key not in ("ratio", "kl_budget", "repeat_guard", "mask", "plausibility_min_p") or not value.strip():
-                raise LinalignError(
-                    f"options are ratio=, kl_budget=, repeat_guard=, mask= and plausibility_min_p=, got {part!r}"
-                )
+            if key not in VARIANT_KEYS or not value.strip():
+                raise LinalignError(f"options are {'=, '.join(VARIANT_KEYS)}=, got {part!r}")
             options[key] = value.strip() if key == "mask" else _floats(value, "--variant")[0]
-            if key == "repeat_guard":
+            if key in ("repeat_guard", "dry_allowed_length"):
                 options[key] = int(options[key])
         variants.append(options)
     return variants

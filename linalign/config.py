@@ -18,6 +18,7 @@ from linalign.amulet import amulet_weights
 from linalign.errors import LinalignError
 
 METHODS = ("base", "prompt", "la", "dera", "amulet")
+DRY_BREAKERS = ("\n", ":", '"', "*")  # the soft loop penalty's default sequence breakers (DRY's)
 MASKS = ("top_p", "min_p", "intersect")
 MAX_SEED = 2**63
 
@@ -117,6 +118,12 @@ class AlignConfig:
       text agree, less where it would break the sentence. Linear Alignment only.
     - `repeat_guard`: n; a token that would repeat an n-gram the reply already contains is excluded from the
       aligned choice (0: off), so greedy decoding cannot loop.
+    - `dry_multiplier`, `dry_base`, `dry_allowed_length`, `dry_breakers`: the soft loop penalty (DRY; 0: off).
+      A token that would extend a repeat of an earlier span of the reply that is already `dry_allowed_length`
+      tokens or longer (length L) loses `dry_multiplier * dry_base ** (L - dry_allowed_length)` from the
+      combined logits and from the distribution the mask is taken from; matches stop at tokens containing a
+      breaker, and a newline only where the line it closes is not a whole repeat (`linalign.step.LoopPenalty`).
+      Any method.
     - `mask`: the plausibility mask's kind: "top_p" (the paper: the principled distribution's nucleus at
       `plausibility_top_p`), "min_p" (tokens with at least `plausibility_min_p` times the principled
       distribution's top probability) or "intersect" (the principled nucleus within the plain
@@ -139,6 +146,10 @@ class AlignConfig:
     repeat_guard: int = 0
     mask: str = "top_p"
     plausibility_min_p: float = 0.1
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_breakers: list[str] = field(default_factory=lambda: list(DRY_BREAKERS))
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -205,6 +216,25 @@ class AlignConfig:
             )
         if self.mask == "intersect" and self.method != "la":
             raise LinalignError(f"mask 'intersect' needs the plain context of Linear Alignment, not {self.method!r}")
+        self._check_loop_penalty()
+
+    def _check_loop_penalty(self) -> None:
+        _finite("dry_multiplier", self.dry_multiplier)
+        if not 0 <= self.dry_multiplier <= 100:
+            raise LinalignError(
+                f"dry_multiplier must be in [0, 100] (0 turns the penalty off), got {self.dry_multiplier!r}"
+            )
+        _finite("dry_base", self.dry_base)
+        if not 1 <= self.dry_base <= 10:
+            raise LinalignError(f"dry_base must be in [1, 10], got {self.dry_base!r}")
+        _integer("dry_allowed_length", self.dry_allowed_length, 1, 65)
+        if isinstance(self.dry_breakers, str):
+            self.dry_breakers = [self.dry_breakers]
+        self.dry_breakers = list(self.dry_breakers)
+        if len(self.dry_breakers) > 16 or any(
+            not isinstance(b, str) or not b or len(b) > 16 for b in self.dry_breakers
+        ):
+            raise LinalignError("dry_breakers must be at most 16 non-empty strings of at most 16 characters")
 
     @property
     def quality_options(self) -> dict[str, float | int | str]:
@@ -218,7 +248,21 @@ class AlignConfig:
             options["mask"] = f"min_p{self.plausibility_min_p:g}"
         elif self.mask != "top_p":
             options["mask"] = self.mask
+        if self.dry_multiplier:
+            options["dry"] = self.dry_label
         return options
+
+    @property
+    def dry_label(self) -> str:
+        """'0.8' at DRY's base, allowed length and breakers; '0.8/b2/a4/breakers=\\n|:' where they differ."""
+        parts = [f"{self.dry_multiplier:g}"]
+        if self.dry_base != 1.75:
+            parts.append(f"b{self.dry_base:g}")
+        if self.dry_allowed_length != 2:
+            parts.append(f"a{self.dry_allowed_length}")
+        if tuple(self.dry_breakers) != DRY_BREAKERS:
+            parts.append("breakers=" + "|".join(b.encode("unicode_escape").decode() for b in self.dry_breakers))
+        return "/".join(parts)
 
     def resolved_weights(self) -> list[float]:
         """Each principle's coefficient `c_i = w_i (1 + ratio)` in Linear Alignment."""

@@ -25,7 +25,17 @@ from linalign.backends import Backend
 from linalign.compute import on_compute_thread
 from linalign.config import DecodeConfig
 from linalign.methods import Plan
-from linalign.step import RepeatGuard, choose, logits_processors, masked_scores, sampling_warpers, shaped_scores
+from linalign.step import (
+    LoopPenalty,
+    RepeatGuard,
+    breaker_tokens,
+    choose,
+    logits_processors,
+    masked_scores,
+    penalise_loops,
+    sampling_warpers,
+    shaped_scores,
+)
 from linalign.text import TextStream
 
 
@@ -81,6 +91,7 @@ class _Sequence:
     cancelled: bool = False
     done: bool = False  # finished, its rows kept only because a backend cannot drop rows
     guard: RepeatGuard | None = None  # the reply's n-grams, where the plan has a repeat guard
+    loops: LoopPenalty | None = None  # the reply's repeats, where the plan has a loop penalty
     processors: LogitsProcessorList = field(default_factory=LogitsProcessorList)  # built once: they keep no state
     warpers: LogitsProcessorList = field(default_factory=LogitsProcessorList)
 
@@ -181,6 +192,7 @@ class Decoder:
                 anchor=where[prepared.plan.anchor],
                 plain=where[plain] if plain is not None else None,
                 guard=RepeatGuard(prepared.plan.repeat_guard) if prepared.plan.repeat_guard else None,
+                loops=self._loop_penalty(prepared.plan),
                 processors=logits_processors(prepared.config),
                 warpers=sampling_warpers(prepared.config),
             )
@@ -194,6 +206,12 @@ class Decoder:
                 self.logits[m] = torch.cat([self.logits[m], new]) if self.rows[m] else new
                 self.rows[m] += len(rows)
         self._reindex()
+
+    def _loop_penalty(self, plan: Plan) -> LoopPenalty | None:
+        if not plan.dry_multiplier:
+            return None
+        breakers = breaker_tokens(self.tokenizer, plan.dry_breakers)
+        return LoopPenalty(plan.dry_multiplier, plan.dry_base, plan.dry_allowed_length, *breakers)
 
     def _generator(self, prepared: Prepared) -> torch.Generator | None:
         if not prepared.config.do_sample or prepared.seed is None:
@@ -298,6 +316,8 @@ class Decoder:
                 scores[i : i + 1] = s.processors(history, scores[i : i + 1])
                 anchor[i : i + 1] = s.processors(history, anchor[i : i + 1].clone())
         self._hold_eos(scores, anchor)
+        if any(s.loops is not None for s in self.sequences):  # once, before the mask is taken (as DRY precedes top-p)
+            penalise_loops((scores, anchor), [s.loops.penalties() if s.loops else {} for s in self.sequences])
         temperature = [s.config.mask_temperature for s in self.sequences]
         plans = [s.prepared.plan for s in self.sequences]
         if any(p.shaped for p in plans):
@@ -314,6 +334,8 @@ class Decoder:
             s.history.append(token)
             if s.guard is not None:
                 s.guard.push(token)
+            if s.loops is not None:
+                s.loops.push(token)
         if aligned is None:
             return chosen, [None] * len(self.sequences)
         return chosen, self._logprobs(aligned, anchor, chosen)

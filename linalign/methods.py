@@ -35,6 +35,11 @@ class Plan:
     mask_min_p: float = 0.1
     kl_budget: float | None = None
     repeat_guard: int = 0
+    # The soft loop penalty (AlignConfig's dry_*; multiplier 0: off), acting on the choice like the guard.
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_breakers: tuple[str, ...] = ()
 
     @property
     def shaped(self) -> bool:
@@ -70,8 +75,15 @@ def _la_terms(config: AlignConfig) -> tuple[list[Term], int]:
 
 def make_plan(config: AlignConfig) -> Plan:
     """Translate an `AlignConfig` into the terms the decode loop evaluates."""
-    # The repeat guard acts on any method's choice, so prompting can be compared with it too.
-    return replace(_plan(config), repeat_guard=config.repeat_guard)
+    # The repeat guard and the loop penalty act on any method's choice, so prompting can be compared with them.
+    return replace(
+        _plan(config),
+        repeat_guard=config.repeat_guard,
+        dry_multiplier=config.dry_multiplier,
+        dry_base=config.dry_base,
+        dry_allowed_length=config.dry_allowed_length,
+        dry_breakers=tuple(config.dry_breakers),
+    )
 
 
 def _plan(config: AlignConfig) -> Plan:

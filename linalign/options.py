@@ -52,6 +52,16 @@ TopKOpt = Annotated[int | None, typer.Option(help="Sampling top-k (with --temper
 SeedOpt = Annotated[int | None, typer.Option(help="Sampling seed; prompt i gets seed + i (with --temperature).")]
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help=r"Stop string, C escapes read (\n); repeatable.")]
 RepetitionOpt = Annotated[float, typer.Option(help="transformers' repetition penalty on the combined logits.")]
+# The soft loop penalty (DRY, docs/quality.md): any method, on the combined logits.
+DryMultiplierOpt = Annotated[
+    float | None, typer.Option(help="Loop penalty: a repeat of L >= allowed tokens costs m * base^(L - allowed).")
+]
+DryBaseOpt = Annotated[float | None, typer.Option(help="Loop penalty's base (default 1.75).")]
+DryAllowedOpt = Annotated[int | None, typer.Option(help="Loop penalty's allowed repeat length (default 2).")]
+DryBreakerOpt = Annotated[
+    list[str] | None,
+    typer.Option("--dry-breaker", help="Ends a repeat (default: newline, colon, double quote, asterisk); repeatable."),
+]
 
 
 def exits_cleanly(command: Callable) -> Callable:

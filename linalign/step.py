@@ -196,3 +196,124 @@ def shaped_scores(
         t = [temperature[i] for i in trusted]
         combined[rows] = trust_region(combined[rows], anchor[rows], mask[rows], budgets, t)
     return apply_mask(combined, mask, fallback=anchor)
+
+
+# -- the soft loop penalty (DRY) -----------------------------------------------------------------------------------
+
+DRY_MAX_EXCESS = 48  # a match this far past the allowed length already costs more than any logit margin
+_BREAKER_SETS: dict[tuple[int, tuple[str, ...]], tuple] = {}
+
+
+def breaker_tokens(tokenizer, breakers: Sequence[str]) -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
+    """The token ids that break a match, as DRY reads breakers on the token level: a token whose text contains
+    a breaker. Returns (hard, line, bare): `line` holds the tokens whose only breaker is a newline (they end a
+    line), `hard` the others, `bare` the tokens without a letter or digit. Decoded once per tokenizer and
+    set of breakers."""
+    key = (id(tokenizer), tuple(breakers))
+    cached = _BREAKER_SETS.get(key)
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1:]
+    others = [b for b in breakers if b != "\n"]
+    newline = "\n" in breakers
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    hard = frozenset(i for i, t in enumerate(texts) if any(b in t for b in others))
+    line = frozenset(i for i, t in enumerate(texts) if newline and "\n" in t and i not in hard)
+    bare = frozenset(i for i, t in enumerate(texts) if not any(c.isalnum() for c in t))
+    _BREAKER_SETS[key] = (tokenizer, hard, line, bare)
+    return hard, line, bare
+
+
+class LoopPenalty:
+    """DRY, the soft loop penalty of one sequence, over its reply (the prompt does not count: copying from it
+    is free). The reply is kept as it grows (`push`); `penalties()` gives, for the next token, every token `t`
+    that would extend a repeat of an earlier span of the reply whose length `L` is at least `allowed`:
+    `t` loses `multiplier * base ** (L - allowed)` from its logit. A match runs back from the last token while
+    the reply repeats itself, and stops at a breaker token (`hard`); breaker tokens are never penalised.
+
+    Newlines (`line`) stop a match too, except where the line they close repeats an earlier line whole, word for
+    word, with a letter or digit in it (a token outside `bare`) and no other breaker: then the match runs on
+    through that line. So a frame at the start of differing lines ("\\n- ", "|\\n| ") and lines of punctuation
+    alone (a pretty-printed JSON list's " }," and " {") stop the match at the newline as in DRY, while a loop of
+    whole lines, which DRY's newline breaker hides (short lines never reach the allowed length), is penalised
+    more with every line.
+    """
+
+    def __init__(
+        self,
+        multiplier: float,
+        base: float,
+        allowed: int,
+        hard: frozenset[int],
+        line: frozenset[int] = frozenset(),
+        bare: frozenset[int] = frozenset(),
+    ) -> None:
+        self.multiplier, self.base, self.allowed = multiplier, base, allowed
+        self.hard, self.line, self.bare = hard, line, bare
+        self.tokens: list[int] = []
+        self.starts: list[int] = []  # per position, where its line starts
+        self.where: dict[int, list[int]] = {}  # token -> its positions in the reply
+
+    def push(self, token: int) -> None:
+        p = len(self.tokens)
+        self.starts.append(p if p == 0 or self.tokens[-1] in self.line else self.starts[-1])
+        self.tokens.append(token)
+        self.where.setdefault(token, []).append(p)
+
+    def penalties(self) -> dict[int, float]:
+        """token -> what it loses from its logit at the next step (only tokens that lose something)."""
+        tokens, n = self.tokens, len(self.tokens)
+        if n < 2 or tokens[-1] in self.hard:
+            return {}
+        longest: dict[int, int] = {}
+        for i in self.where[tokens[-1]][:-1]:
+            follower = tokens[i + 1]
+            if follower in self.hard or follower in self.line:
+                continue
+            length = self._match(i, n - 1)
+            if length >= self.allowed and length > longest.get(follower, -1):
+                longest[follower] = length
+        return {
+            t: min(self.multiplier * self.base ** min(length - self.allowed, DRY_MAX_EXCESS), 1e30)
+            for t, length in longest.items()
+        }
+
+    def _match(self, i: int, j: int) -> int:
+        """How many tokens up to `i` repeat those up to `j` (i < j), by the rules of the class docstring."""
+        tokens, limit = self.tokens, self.allowed + DRY_MAX_EXCESS
+        k = 0
+        while i - k >= 0 and k < limit:
+            a = tokens[i - k]
+            if a != tokens[j - k] or a in self.hard:
+                break
+            if a in self.line:
+                width = self._same_line(i - k, j - k)
+                if width is None:
+                    break
+                k += 1 + width
+                continue
+            k += 1
+        return k
+
+    def _same_line(self, a: int, b: int) -> int | None:
+        """The width of the lines closed by the newlines at `a` < `b`, if they are the same tokens, else None."""
+        sa, sb = self.starts[a], self.starts[b]
+        if a - sa != b - sb:
+            return None
+        line = self.tokens[sa:a]
+        if line != self.tokens[sb:b] or any(t in self.hard for t in line) or all(t in self.bare for t in line):
+            return None
+        return a - sa
+
+
+def penalise_loops(logits: Sequence[torch.Tensor], penalties: Sequence[dict[int, float]]) -> None:
+    """Subtract each row's penalties (`LoopPenalty.penalties`) from every tensor of `logits`, in place, in one
+    indexed write per tensor."""
+    entries = [(i, token, value) for i, row in enumerate(penalties) for token, value in row.items()]
+    if not entries:
+        return
+    rows, tokens, values = zip(*entries, strict=True)
+    device = logits[0].device
+    index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
+    values = torch.tensor(values, dtype=torch.float32, device=device)
+    for x in logits:
+        x.index_put_(index, values.to(x.dtype).neg(), accumulate=True)

@@ -69,6 +69,11 @@ class LinalignOptions(BaseModel):
     repeat_guard: int | None = Field(None, ge=0, le=16)
     mask: Literal["top_p", "min_p", "intersect"] | None = None
     plausibility_min_p: float | None = None
+    # The soft loop penalty (DRY; any method); AlignConfig checks the values.
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_breakers: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = Field(None, max_length=16)
 
     @model_validator(mode="after")
     def _one_way_to_give_principles(self) -> LinalignOptions:
