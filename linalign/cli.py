@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -31,6 +31,7 @@ from linalign.options import (
     MaskOpt,
     MaxNewOpt,
     ModelOpt,
+    OneLineErrors,
     PrincipleOpt,
     RatioOpt,
     RawOpt,
@@ -51,7 +52,13 @@ from linalign.serve.bench import serve_bench
 from linalign.serve.cli import serve
 from linalign.serve.playground import playground
 
-app = typer.Typer(help="Align a language model with a principle at decoding time.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from linalign.config import AlignConfig
+    from linalign.engine import Generation
+
+app = typer.Typer(
+    cls=OneLineErrors, help="Align a language model with a principle at decoding time.", no_args_is_help=True
+)
 
 
 def _show_side_by_side(console: Console, prompts: list[str], results: dict[str, list]) -> None:
@@ -94,7 +101,9 @@ def generate(
     ] = None,
     principle: PrincipleOpt = None,
     weight: WeightOpt = None,
-    method: Annotated[str, typer.Option("--method", help="Comma-separated: base,prompt,la,dera,amulet.")] = "prompt,la",
+    method: Annotated[
+        str, typer.Option("--method", "--methods", help="Comma-separated: base,prompt,la,dera,amulet.")
+    ] = "prompt,la",
     ratio: RatioOpt = 2.0,
     lam: LamOpt = 1.0,
     plausibility_top_p: MaskOpt = 0.8,
@@ -221,7 +230,7 @@ def generate(
             results[label] = aligner.generate(inputs, align, config, system=system, raw=raw)
         if as_json:
             for g in results[label]:
-                print(json.dumps(g.to_dict(), ensure_ascii=False), flush=True)
+                print(json.dumps(record(g, align), ensure_ascii=False), flush=True)
     if not as_json:
         _show_side_by_side(console, [_title(p) for p in inputs], results)
 
@@ -232,7 +241,20 @@ KlBudgetOpt = Annotated[
 ]
 RepeatGuardOpt = Annotated[int, typer.Option(help="Exclude tokens that would repeat an n-gram of the reply (0: off).")]
 MaskKindOpt = Annotated[str, typer.Option("--mask", help="Plausibility mask: top_p (paper), min_p or intersect.")]
-MinPOpt = Annotated[float, typer.Option("--min-p", help="Threshold of --mask min_p, relative to the top token.")]
+MinPOpt = Annotated[
+    float,
+    typer.Option("--plausibility-min-p", "--min-p", help="Threshold of --mask min_p, relative to the top token."),
+]
+
+
+def record(generation: Generation, align: AlignConfig) -> dict:
+    """A generation's JSON record, with the weight of each principle (1 unless given) for every method that
+    reads principles, so that it states what was decoded: only positively weighted principles are told to the
+    model (`linalign.methods.told_principle`)."""
+    out = generation.to_dict()
+    if align.method != "base" and align.principles:
+        out.setdefault("weights", list(align.weights or [1.0] * len(align.principles)))
+    return out
 
 
 def _with_la_options(aligns: list, kl_budget: float | None, mask: str, min_p: float) -> list:
@@ -350,7 +372,7 @@ def bench(
             f"llama.cpp decode step: 1 row {one:.1f} ms, 2 rows {two:.1f} ms: on these weights Linear Alignment "
             f"(2 rows a sequence) can reach at most {one / two:.2f}x llama.cpp's plain decoding at batch 1"
         )
-    console.print(f"model load: {report['model_load_seconds']} s; report written to {out}")
+    console.print(f"model load: {report['model_load_seconds']} s; report written to {out}", soft_wrap=True)
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -364,9 +386,13 @@ def _floats(text: str, name: str) -> list[float]:
 @exits_cleanly
 def evaluate(
     suite: Annotated[str, typer.Option(help="principles, principles-heldout, persona or files.")] = "principles",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods to compare.")] = "base,prompt,la",
-    ratios: Annotated[str, typer.Option(help="Ratios swept for la, comma-separated.")] = "2",
-    lams: Annotated[str, typer.Option(help="λ values swept for dera, comma-separated.")] = "0,0.5,1,1.5",
+    methods: Annotated[
+        str, typer.Option("--methods", "--method", help="Comma-separated methods to compare.")
+    ] = "base,prompt,la",
+    ratios: Annotated[str, typer.Option("--ratios", "--ratio", help="Ratios swept for la, comma-separated.")] = "2",
+    lams: Annotated[
+        str, typer.Option("--lams", "--lam", help="λ values swept for dera, comma-separated.")
+    ] = "0,0.5,1,1.5",
     model: ModelOpt = "smollm2",
     ref_model: RefModelOpt = None,
     dtype: DtypeOpt = "float32",
@@ -455,7 +481,7 @@ def evaluate(
             weight = next(aligner.main.model.parameters())
             settings.kernel = describe(weight.device, weight.dtype)
         scorer = RewardModel(reward_model, device=device) if reward_model else None
-    console.print(f"{len(tasks)} tasks x {len(runs)} runs -> {out}")
+    console.print(f"{len(tasks)} tasks x {len(runs)} runs -> {out}", soft_wrap=True)
     records = run_eval(aligner, tasks, settings, out, batch_size=batch_size, fluency=fluency, reward_model=scorer)
     judgments = {}
     if judge or judge_base_url:
@@ -480,7 +506,7 @@ def evaluate(
     plot = f", plot: {out / PLOT}" if (out / PLOT).exists() else " (a plot needs two or more ratios or lams)"
     if (out / "pareto.png").exists():
         plot += f", Pareto view: {out / 'pareto.png'}"
-    console.print(f"report: {out / REPORT}{plot}")
+    console.print(f"report: {out / REPORT}{plot}", soft_wrap=True)  # paths unwrapped, to copy whole
 
 
 app.command()(serve)

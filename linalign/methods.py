@@ -86,10 +86,18 @@ def make_plan(config: AlignConfig) -> Plan:
     )
 
 
+def told_principle(config: AlignConfig) -> str | None:
+    """The system message of the methods that tell the model their principles (`prompt`, `amulet`, DeRa's
+    shared context): the principles with a positive weight, joined. A principle weighted 0 or below is what
+    Linear Alignment pushes away from, never an instruction (`None`: no principle is told)."""
+    weights = config.weights if config.weights is not None else [1.0] * len(config.principles)
+    told = [p for p, w in zip(config.principles, weights, strict=True) if w > 0 and p.strip()]
+    return "\n\n".join(told) or None
+
+
 def _plan(config: AlignConfig) -> Plan:
-    # Plain prompting (and DeRa's shared context) puts every principle in the one system message.
-    principle = "\n\n".join(p for p in config.principles if p.strip()) or None
-    if config.method == "base":
+    principle = told_principle(config)
+    if config.method == "base" or (config.method in ("prompt", "amulet") and principle is None):
         return Plan((Term(0, None, 1.0),))
     if config.method == "prompt":
         return Plan((Term(0, principle, 1.0),))

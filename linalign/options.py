@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+try:  # typer ships its own copy of click from 0.2x on
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer, on click itself
+    from click import exceptions as click_errors
 
 from linalign.errors import LinalignError
 
@@ -72,7 +80,34 @@ def exits_cleanly(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except LinalignError as err:
-            err_console.print(f"[bold red]error:[/] {err}")
+            print_error(str(err))
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def print_error(message: str) -> None:
+    """One line on stderr, 'error: ' first, never wrapped: how every command reports bad input."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (an unknown option, a value of the wrong type) reported as every other error is:
+    'error: …' in one line naming the command's --help, exit code 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # noqa: ANN201 (click's signature)
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.ClickException as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # typer has shown the help already
+                sys.exit(err.exit_code)
+            context = getattr(err, "ctx", None)
+            hint = f" (see '{context.command_path} --help')" if context is not None else ""
+            print_error(err.format_message() + hint)
+            sys.exit(err.exit_code)
+        except click_errors.Abort:
+            print_error("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)

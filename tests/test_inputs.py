@@ -279,3 +279,50 @@ def test_cli_stop_reads_c_escapes(tiny):
 
     assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb") == "a\tb" and unescape("café") == "café"
     assert unescape(r"\\n") == "\\n"
+
+
+@pytest.mark.parametrize(
+    "args,first_line",
+    [
+        (["generate", "hi", "--min-pp", "3"], "error: No such option: --min-pp"),
+        (["generate", "hi", "--ratio", "abc"], "error: Invalid value for '--ratio'"),
+        (["eval", "--ratios", "x"], "error: --ratios must be comma-separated numbers, got 'x'"),
+        (["nosuch"], "error: No such command 'nosuch'"),
+    ],
+)
+def test_every_error_is_one_line_starting_error(args, first_line):
+    """Usage errors found while parsing read as the engine's errors do: one line, 'error: ', exit code 2."""
+    result = runner.invoke(app, args, terminal_width=60)
+    assert result.exit_code == 2
+    assert result.output.startswith(first_line) and result.output.count("\n") == 1, result.output
+    assert ("--help" in result.output) == (args[0] != "eval") and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["generate", "hi", "-p", "x", "--mask", "min_p", "--plausibility-min-p", "2"], "plausibility_min_p must be"),
+        (["generate", "hi", "-p", "x", "--mask", "min_p", "--min-p", "2"], "plausibility_min_p must be"),
+        (["generate", "hi", "-p", "x", "--methods", "la,nope"], "unknown method 'nope'"),
+        (["eval", "--method", "la,nope"], "unknown method 'nope'"),
+        (["eval", "--ratio", "1,x"], "--ratios must be comma-separated numbers, got '1,x'"),
+        (["eval", "--lam", "y"], "--lams must be comma-separated numbers, got 'y'"),
+    ],
+)
+def test_one_name_per_option_and_both_spellings_of_lists(args, needle):
+    """--plausibility-min-p is AlignConfig's name (--min-p stays); eval's lists take the singular too."""
+    result = runner.invoke(app, args, terminal_width=60)
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1
+
+
+def test_eval_prints_its_paths_unwrapped(tiny, tmp_path):
+    out = tmp_path / ("a-results-directory-whose-path-is-long-enough-to-wrap-at-eighty-columns" * 2)
+    data = tmp_path / "questions.jsonl"
+    data.write_text('{"question": "Hi"}\n')
+    args = ["eval", "--suite", "files", "--file", str(data), "-p", "Be brief.", "--methods", "prompt"]
+    args += ["--model", tiny.name, "--max-new-tokens", "2", "--no-fluency", "--out", str(out)]
+    result = runner.invoke(app, args, terminal_width=80)
+    assert result.exit_code == 0, result.output
+    last = [line for line in result.output.splitlines() if line.strip()][-1]
+    assert last.startswith(f"report: {out / 'report.md'}"), result.output[-600:]
