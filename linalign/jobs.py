@@ -26,6 +26,7 @@ batches on its replicas, so both write the same records batch for batch, in anot
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -244,20 +245,26 @@ def run_batch(aligner, settings: JobSettings, batch: Batch) -> Result:
 
 def load_aligner(settings: JobSettings, threads: int | None = None):
     """The job's model(s); `threads` caps the threads decoding uses (one Ray replica's CPUs)."""
-    from linalign.engine import Aligner
-
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-    aligner = Aligner(
-        settings.model,
+    return capped_aligner(
+        threads,
+        model=settings.model,
         reference=settings.ref_model,
         dtype=settings.dtype,
         device=settings.device,
         backend=settings.backend,
         compile=settings.compile,
     )
+
+
+def capped_aligner(threads: int | None, **options):
+    """`Aligner(**options)` decoding on at most `threads` threads (torch's and llama.cpp's); None: all cores."""
+    from linalign.engine import Aligner
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    aligner = Aligner(**options)
     if threads is not None:
         for loaded in (aligner.main, aligner.reference):
             if loaded is not None and loaded.runner is not None:
@@ -265,14 +272,16 @@ def load_aligner(settings: JobSettings, threads: int | None = None):
     return aligner
 
 
-def local_executor(settings: JobSettings, status: Callable[[str], None] = lambda _: None) -> Executor:
+def local_executor(
+    settings: JobSettings, status: Callable[[str], None] = lambda _: None, threads: int | None = None
+) -> Executor:
     """Every batch in this process, one after the other; the model loads only if there is work."""
 
     def execute(batches: list[Batch]) -> Iterator[Result]:
         if not batches:
             return
         status(f"loading {settings.model}")
-        aligner = load_aligner(settings)
+        aligner = load_aligner(settings, threads=threads)
         status("")
         for batch in batches:
             yield run_batch(aligner, settings, batch)
@@ -296,8 +305,9 @@ def _flat(settings: JobSettings) -> dict:
     return flat
 
 
-def guard_output(output: Path, settings: JobSettings) -> None:
-    """Refuse an output that another job wrote; record this job's settings beside it (a job may add methods)."""
+def guard_output(output: Path, settings: JobSettings) -> dict:
+    """Refuse an output that another job wrote; return the settings to keep beside it once this job writes
+    (a job may add methods). Nothing is written here: a job that fails to start claims no output."""
     current = _flat(settings)
     remedy = "choose another --output (or delete both files to start over)"
     previous = check_settings(
@@ -314,8 +324,7 @@ def guard_output(output: Path, settings: JobSettings) -> None:
         )
     if previous is not None:
         current["methods"] = previous["methods"] + [m for m in current["methods"] if m not in previous["methods"]]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    job_file(output).write_text(json.dumps(current, indent=2) + "\n")
+    return current
 
 
 @dataclass
@@ -343,7 +352,7 @@ def run_job(
         raise LinalignError(f"input file {str(input_path)!r} does not exist")
     if output.resolve() == input_path.resolve():
         raise LinalignError("--output must not be the input file")
-    guard_output(output, settings)
+    claim = guard_output(output, settings)
     items, problems = read_input(input_path, settings)
     for problem in problems:
         report(problem)
@@ -351,8 +360,15 @@ def run_job(
     todo = [i for i in items if (i["id"], i["method"]) not in done]
     summary = JobReport(already=len(items) - len(todo), malformed=len(problems))
     progress = tqdm(total=len(todo), desc="generating", unit="record", disable=not show_progress or not todo)
+    results = iter(executor(plan(settings, todo, batch_size)))
+    first = next(results, None)  # the replicas are up and the first batch is done: the output is this job's
+    if first is None:
+        progress.close()
+        return summary
+    output.parent.mkdir(parents=True, exist_ok=True)
+    job_file(output).write_text(json.dumps(claim, indent=2) + "\n")
     with open_for_append(output) as sink:
-        for result in executor(plan(settings, todo, batch_size)):
+        for result in itertools.chain([first], results):
             for record in result["records"]:
                 key = (record["id"], record["method"])
                 if key in done:  # a batch run twice (a retried task) is written once

@@ -1,0 +1,264 @@
+"""Past one machine: linalign's own engine, replicated on Ray (the `ray` extra: pip install 'linalign[ray]').
+
+Each replica is one process with its own `Aligner`, decoding its batches with linalign's own batching; Ray
+places the replicas and moves work and results. Nothing here splits a model or a sequence pair across
+processes: a pair's two contexts always decode in one engine, in lock-step.
+
+- Batch jobs (`linalign generate --input ... --ray`): the job is planned as on one machine
+  (`linalign.jobs.plan`), Ray Data takes the planned batches (one row each), `map_batches` runs them on a pool
+  of actors that each hold one `Aligner`, loaded once, and the driver writes each batch's records as it
+  arrives, so the resume rule of the local job holds whoever dies.
+- Serving (`linalign serve --ray`): the existing OpenAI-compatible app as a Ray Serve deployment; each replica
+  has its own model and continuous batcher.
+
+A local cluster started here runs on a loopback address with no dashboard, and Ray's usage statistics are off
+unless the environment turns them on. On Linux that address is 127.0.0.2: Ray replaces 127.0.0.1 given as a
+node's address with the machine's network address (so that other machines could reach it), and the rest of
+the loopback range is left as it is. Ray's own servers (GCS, raylet) listen on every interface whatever the
+node's address; they are reached on the node's address only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from linalign.errors import LinalignError
+from linalign.jobs import Batch, Executor, JobSettings, Result, capped_aligner, load_aligner, run_batch
+
+# Where Ray does not rewrite 127.0.0.1 (macOS and Windows, where it makes no multi-node clusters), 127.0.0.1.
+LOOPBACK = "127.0.0.2" if sys.platform.startswith("linux") else "127.0.0.1"
+
+
+@dataclass
+class RayPlacement:
+    """Where the replicas run: `address` None starts a local cluster; each replica reserves its CPUs and GPUs."""
+
+    address: str | None = None
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
+            raise LinalignError(f"--replicas must be an integer >= 1, got {self.replicas!r}")
+        if not self.cpus_per_replica > 0:
+            raise LinalignError(f"--cpus-per-replica must be > 0, got {self.cpus_per_replica!r}")
+        if not self.gpus_per_replica >= 0:
+            raise LinalignError(f"--gpus-per-replica must be >= 0, got {self.gpus_per_replica!r}")
+
+    @property
+    def threads(self) -> int:
+        """Decoding threads in a replica: its whole CPUs, at least one."""
+        return max(1, int(self.cpus_per_replica))
+
+
+def _import_ray():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no report leaves the machine unless asked for
+    try:
+        import ray
+    except ImportError:
+        raise LinalignError("--ray needs Ray: pip install 'linalign[ray]'") from None
+    return ray
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a 'HOST:PORT' address; None for Ray's other forms ('auto', 'ray://...')."""
+    if "://" in address or address == "auto":
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise LinalignError(f"a Ray address is HOST:PORT (the head's GCS port, 6379 by default), got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, with one sentence, where nothing listens at `address` (Ray itself retries for a minute)."""
+    target = _host_port(address)
+    if target is None:
+        return
+    try:
+        socket.create_connection(target, timeout=timeout).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise LinalignError(
+            f"no Ray cluster answers at {address} ({reason}); start one with `ray start --head` or check the address"
+        ) from None
+
+
+@contextmanager
+def ray_cluster(address: str | None) -> Iterator[Any]:
+    """Ray, connected: to a new local cluster on loopback (`address` None, stopped on exit) or to the cluster
+    at `address` (left running)."""
+    ray = _import_ray()
+    if ray.is_initialized():  # a caller that set Ray up itself (a notebook, a test) keeps its own
+        yield ray
+        return
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address is None:
+        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, **kwargs)
+    else:
+        check_reachable(address)
+        target = _host_port(address)
+        if target is not None and _is_loopback(target[0]):
+            kwargs["_node_ip_address"] = target[0]  # a cluster on loopback: this driver joins its node there
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LinalignError(f"could not join the Ray cluster at {address}: {first}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def check_capacity(ray, placement: RayPlacement) -> None:
+    """Refuse replicas the cluster cannot place at all, instead of waiting for them forever."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    need = {"CPU": placement.cpus_per_replica, "GPU": placement.gpus_per_replica}
+    for kind, amount in need.items():
+        largest = max((n.get(kind, 0.0) for n in nodes), default=0.0)
+        if amount > largest:
+            raise LinalignError(
+                f"a replica asks for {amount:g} {kind}s, but the largest node of the cluster has {largest:g}"
+            )
+    slots = sum(min(n.get(k, 0.0) // v for k, v in need.items() if v > 0) for n in nodes)
+    if placement.replicas > slots:
+        raise LinalignError(
+            f"{placement.replicas} replicas of {need['CPU']:g} CPUs and {need['GPU']:g} GPUs each do not fit "
+            f"the cluster: it has room for {int(slots)}"
+        )
+
+
+class JobReplica:
+    """One Ray Data actor: one `Aligner`, loaded once; each row it is given is one planned batch (JSON)."""
+
+    def __init__(self, settings: dict, threads: int) -> None:
+        self.job = JobSettings(**settings)
+        self.aligner = load_aligner(self.job, threads=threads)
+
+    def __call__(self, rows: dict) -> dict:
+        import numpy as np
+
+        results = [json.dumps(run_batch(self.aligner, self.job, json.loads(b))) for b in rows["batch"]]
+        return {"result": np.array(results, dtype=object)}
+
+
+def ray_executor(
+    settings: JobSettings, placement: RayPlacement, status: Callable[[str], Any] = lambda _: None
+) -> Executor:
+    """The planned batches on `placement.replicas` Ray actors; results come back as each batch finishes."""
+    if placement.gpus_per_replica > 0 and settings.device == "cpu":
+        raise LinalignError("--gpus-per-replica needs a GPU device: add --device cuda")
+
+    def execute(batches: list[Batch]) -> Iterator[Result]:
+        if not batches:
+            return
+        where = placement.address or f"a local Ray cluster on {LOOPBACK}"
+        status(f"starting {placement.replicas} replica(s) of {settings.model} on {where}")
+        with ray_cluster(placement.address) as ray:
+            import ray.data
+            from ray.data import ActorPoolStrategy
+
+            check_capacity(ray, placement)
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = False  # the job's own bar counts records
+            context.print_on_execution_start = False
+            # One batch a block: each comes back as soon as a replica finishes it.
+            rows = [{"batch": json.dumps(b, ensure_ascii=False)} for b in batches]
+            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                JobReplica,
+                fn_constructor_kwargs={"settings": asdict(settings), "threads": placement.threads},
+                batch_size=1,
+                batch_format="numpy",
+                compute=ActorPoolStrategy(size=placement.replicas),
+                num_cpus=placement.cpus_per_replica,
+                num_gpus=placement.gpus_per_replica,
+            )
+            for row in dataset.iter_rows():
+                yield json.loads(row["result"])
+
+    return execute
+
+
+class ServeReplica:
+    """One Ray Serve replica: its own `Aligner` and the whole OpenAI-compatible app (with its own continuous
+    batcher), built once the model is loaded. Responses carry `x-linalign-replica` (this replica's process id)."""
+
+    def __init__(self, model: dict, app: dict, threads: int) -> None:
+        self.aligner = capped_aligner(threads, **model)
+        self.options = app
+
+    def __serve_build_asgi_app__(self):
+        from linalign.serve.app import create_app
+
+        return _tagged(create_app(self.aligner, **self.options), str(os.getpid()).encode())
+
+
+def _tagged(app, replica: bytes):
+    """The ASGI `app` with a response header naming the replica that answered."""
+
+    async def tagged(scope, receive, send):
+        async def send_tagged(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-linalign-replica", replica)]}
+            await send(message)
+
+        await app(scope, receive, send_tagged if scope["type"] == "http" else send)
+
+    return tagged
+
+
+def serve_on_ray(
+    placement: RayPlacement, model: dict, app: dict, host: str, port: int, ready: Callable[[str], Any] = print
+) -> None:
+    """`linalign serve --ray`: `placement.replicas` replicas of the app behind Ray Serve's HTTP proxy at
+    host:port, until interrupted; then the deployment and a cluster started here stop."""
+    if placement.gpus_per_replica > 0 and model.get("device", "cpu") == "cpu":
+        raise LinalignError("--gpus-per-replica needs a GPU device: add --device cuda")
+    with ray_cluster(placement.address) as ray:
+        from ray import serve
+
+        check_capacity(ray, placement)
+        options = {"num_cpus": placement.cpus_per_replica, "num_gpus": placement.gpus_per_replica}
+        deployment = serve.deployment(
+            serve.ingress()(ServeReplica), name="linalign", num_replicas=placement.replicas, ray_actor_options=options
+        )
+        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.run(deployment.bind(model, app, placement.threads), name="linalign", route_prefix="/")
+            guard = " (API key required)" if app.get("api_key") else ""
+            ready(f"serving {model['model']} at http://{host}:{port}/v1 on {placement.replicas} Ray replicas{guard}")
+            wait_for_signal()
+        finally:
+            serve.shutdown()
+
+
+def wait_for_signal() -> None:
+    """Wait until interrupted (Ctrl-C or SIGTERM)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()

@@ -1,0 +1,208 @@
+"""The batch job on real Ray clusters on this machine, on loopback only: a local cluster the job starts, and a
+two-node cluster (`ray start --head` plus `ray start --address`) this module starts and stops. The nodes take
+linalign's loopback address (127.0.0.2 on Linux: Ray turns 127.0.0.1 into the machine's network address) and
+authenticate with a token of this module's own.
+
+The tiny random model decodes on the transformers backend: its peaked logits make greedy choices independent
+of how prompts are batched, so the Ray output must equal the single-process output record for record whatever
+the batches (the job plans the same batches on both anyway)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from linalign.cli import app
+from linalign.distributed import LOOPBACK
+
+PRINCIPLE = "Answer in lowercase letters only."
+RAY = str(Path(sys.executable).parent / "ray")
+TOKEN = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+ENV = os.environ | TOKEN | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_prompts(path: Path, n: int, extra: list[str] = ()) -> Path:
+    rows = [json.dumps({"id": f"q{i}", "prompt": f"Question {i}: name a colour.", "n": i}) for i in range(n)]
+    path.write_text("\n".join([*rows, *extra]) + "\n")
+    return path
+
+
+def job_args(tiny, source: Path, out: Path, tokens: int = 4) -> list[str]:
+    return [
+        *("generate", "--input", str(source), "--output", str(out), "--model", tiny.name),
+        *("--method", "la", "-p", PRINCIPLE, "--max-new-tokens", str(tokens), "--batch-size", "2"),
+    ]
+
+
+def run_cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "linalign.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def start_job(args: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "linalign.cli", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+
+
+def single_process(tiny, source: Path, out: Path, tokens: int = 4) -> list[str]:
+    result = CliRunner().invoke(app, job_args(tiny, source, out, tokens))
+    assert result.exit_code == 0, result.output
+    return sorted(out.read_text().splitlines())
+
+
+def wait_for_lines(path: Path, n: int, job: subprocess.Popen, limit: float = 180) -> None:
+    deadline = time.monotonic() + limit
+    while not (path.exists() and len(path.read_text().splitlines()) >= n):
+        assert job.poll() is None, job.stdout.read()
+        assert time.monotonic() < deadline, "the job wrote nothing in time"
+        time.sleep(0.2)
+
+
+def ids_of(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+def test_a_local_cluster_gives_the_single_process_output(tiny, tmp_path):
+    source = write_prompts(tmp_path / "in.jsonl", 9, extra=["{broken"])
+    expected = single_process(tiny, source, tmp_path / "local.jsonl")
+    out = tmp_path / "ray.jsonl"
+    result = run_cli([*job_args(tiny, source, out), "--ray", "--replicas", "2"])
+    assert result.returncode == 0, result.stderr
+    assert "line 10: bad JSON" in result.stderr and "1 malformed input lines skipped" in result.stderr
+    assert sorted(out.read_text().splitlines()) == expected
+    assert "9 records written" in result.stderr
+
+
+class Node:
+    """One `ray start --block` process on loopback; stopping it ends the node's processes with it."""
+
+    def __init__(self, args: list[str]) -> None:
+        command = [RAY, "start", "--block", f"--node-ip-address={LOOPBACK}", "--disable-usage-stats", *args]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+
+    def workers(self, name: str) -> list[psutil.Process]:
+        """This node's worker processes whose title names `name` (Ray titles an actor's process after it)."""
+        found = []
+        for p in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if name in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def wait_for_nodes(address: str, n: int, limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        probe = subprocess.run([RAY, "status", f"--address={address}"], capture_output=True, text=True, env=ENV)
+        if probe.returncode == 0 and probe.stdout.count("node_") >= n:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the cluster at {address} did not reach {n} nodes in time")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head with one CPU and a second node with one CPU, both on loopback: two replicas of one CPU each
+    can only run one on each node."""
+    port = free_port()
+    address = f"{LOOPBACK}:{port}"
+    head = Node(["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false"])
+    nodes = [head]
+    try:
+        wait_for_nodes(address, 1)
+        nodes.append(Node([f"--address={address}", "--num-cpus=1", "--num-gpus=0"]))
+        wait_for_nodes(address, 2)
+        yield address, nodes
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+
+
+def test_a_two_node_cluster_gives_the_single_process_output(tiny, tmp_path, cluster):
+    address, nodes = cluster
+    source = write_prompts(tmp_path / "in.jsonl", 8)
+    expected = single_process(tiny, source, tmp_path / "local.jsonl")
+    out = tmp_path / "ray.jsonl"
+    result = run_cli([*job_args(tiny, source, out), "--ray-address", address, "--replicas", "2"])
+    assert result.returncode == 0, result.stderr
+    assert sorted(out.read_text().splitlines()) == expected
+
+
+@pytest.mark.parametrize("victim", ["worker", "driver"])
+def test_a_killed_worker_or_driver_then_a_rerun_completes_the_file(tiny, tmp_path, cluster, victim):
+    address, nodes = cluster
+    n, tokens = 40, 24
+    source = write_prompts(tmp_path / "in.jsonl", n)
+    expected = single_process(tiny, source, tmp_path / "local.jsonl", tokens)
+    out = tmp_path / "ray.jsonl"
+    args = [*job_args(tiny, source, out, tokens), "--ray-address", address, "--replicas", "2"]
+    job = start_job(args)
+    try:
+        wait_for_lines(out, 4, job)
+        if victim == "worker":
+            replicas = [p for node in nodes for p in node.workers("JobReplica")]
+            assert replicas, "no replica process found"
+            replicas[0].kill()
+        else:
+            job.kill()
+        job.wait(timeout=240)  # a killed worker: Ray restarts it and retries its batch, or the job fails
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait(timeout=30)
+    before = len(out.read_text().splitlines())
+    assert victim == "worker" or before < n  # the driver died mid-job
+    rerun = run_cli(args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(ids_of(out)) == sorted(f"q{i}" for i in range(n))  # every id, once
+    assert sorted(out.read_text().splitlines()) == expected
+
+
+def test_bad_placements_fail_in_seconds_with_one_sentence(tiny, tmp_path, cluster, monkeypatch):
+    address, _ = cluster
+    for name, value in TOKEN.items():  # this process joins the cluster itself
+        monkeypatch.setenv(name, value)
+    source = write_prompts(tmp_path / "in.jsonl", 2)
+    args = job_args(tiny, source, tmp_path / "out.jsonl")
+    start = time.monotonic()
+    unreachable = run_cli([*args, "--ray-address", f"127.0.0.1:{free_port()}"])
+    assert time.monotonic() - start < 30  # Python and Ray's import included; the connection itself: refused at once
+    assert unreachable.returncode == 2 and "no Ray cluster answers at 127.0.0.1:" in unreachable.stderr
+    for extra, message in [
+        (["--replicas", "0"], "--replicas must be an integer >= 1"),
+        (["--cpus-per-replica", "0"], "--cpus-per-replica must be > 0"),
+        (["--gpus-per-replica", "1"], "add --device cuda"),
+        (["--gpus-per-replica", "1", "--device", "cuda"], "a replica asks for 1 GPUs, but the largest node"),
+        (["--cpus-per-replica", "2"], "a replica asks for 2 CPUs, but the largest node of the cluster has 1"),
+        (["--replicas", "3"], "3 replicas of 1 CPUs and 0 GPUs each do not fit the cluster: it has room for 2"),
+    ]:
+        result = CliRunner().invoke(app, [*args, "--ray-address", address, *extra])
+        flat = " ".join(result.output.split())
+        assert result.exit_code == 2 and message in flat and "Traceback" not in flat, (extra, result.output)
