@@ -385,7 +385,9 @@ def _floats(text: str, name: str) -> list[float]:
 @app.command("eval")
 @exits_cleanly
 def evaluate(
-    suite: Annotated[str, typer.Option(help="principles, principles-heldout, persona or files.")] = "principles",
+    suite: Annotated[
+        str, typer.Option(help="principles, principles-heldout, persona, files or structured.")
+    ] = "principles",
     methods: Annotated[
         str, typer.Option("--methods", "--method", help="Comma-separated methods to compare.")
     ] = "base,prompt,la",
@@ -401,7 +403,10 @@ def evaluate(
     max_new_tokens: MaxNewOpt = 64,
     plausibility_top_p: MaskOpt = 0.8,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
-    limit: Annotated[int | None, typer.Option(help="Questions (principles) or items (persona, files) used.")] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(help="Questions (principles), items (persona, files) or tasks per format (structured) used."),
+    ] = None,
     only: Annotated[str | None, typer.Option(help="Principle ids to keep, comma-separated.")] = None,
     file: Annotated[str | None, typer.Option(help="Data file: persona rows, or questions for 'files'.")] = None,
     principle: Annotated[str | None, typer.Option("--principle", "-p", help="Principle for 'files'.")] = None,

@@ -47,6 +47,12 @@ PASS_FAIL = [
     ("ends_with_question", {}, "Why not?", "Why? Because."),
     ("max_sentences", {"n": 1}, "One sentence.", "One. Two."),
     ("include_digit", {}, "In 1999.", "In nineteen ninety-nine."),
+    # the structured-output suite's kinds (tests/test_structured.py checks each way they fail)
+    ("json_list", {"n": 1, "keys": ["a"]}, '[{"a": 1}]', '[{"a": 1}, {"a": 2}]'),
+    ("numbered_items", {"n": 2}, "1. a\n2. b", "1. a\n3. b"),
+    ("markdown_table", {"n": 1, "columns": ["a"]}, "| a |\n|---|\n| x |", "| a |\n| x |"),
+    ("csv_rows", {"n": 1, "header": ["a", "b"]}, "a,b\nx,y", "a,b\nx"),
+    ("python_function", {"name": "f", "n": 0}, "def f():\n    for _ in []:\n        pass", "def f():\n    pass"),
 ]
 
 

@@ -231,3 +231,110 @@ def max_sentences(text: str, n: int) -> bool:
 def include_digit(text: str) -> bool:
     """Contains at least one digit character."""
     return any(c.isdigit() for c in text)
+
+
+# Checkers of the structured-output suite (data/structured.jsonl): the structure parses and holds the count asked
+# for. Prose around it is tolerated (small models often add a sentence); the structure itself must be exact.
+
+_FENCE = re.compile(r"```[\w+-]*[ \t]*\n(.*?)(?:\n```|$)", re.DOTALL)
+_ITEM = re.compile(r"^\s*(\d+)[.)]\s+\S")
+_RULE_CELL = re.compile(r"^:?-+:?$")
+
+
+def _block(text: str) -> str:
+    """The first fenced block's content, else the whole text, stripped."""
+    fenced = _FENCE.search(text)
+    return (fenced.group(1) if fenced else text).strip()
+
+
+def _filled(value: Any) -> bool:
+    return (isinstance(value, str) and bool(value.strip())) or (
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+    )
+
+
+@checker("json_list")
+def json_list(text: str, n: int, keys: list[str]) -> bool:
+    """A JSON array (the fenced block, or from the first '[' to the last ']') of exactly `n` objects, each with
+    exactly the keys `keys` and a non-empty string or number under each."""
+    body = _block(text)
+    start, end = body.find("["), body.rfind("]")
+    if start < 0 or end < start:
+        return False
+    try:
+        value = json.loads(body[start : end + 1])
+    except ValueError:
+        return False
+    return (
+        isinstance(value, list)
+        and len(value) == int(n)
+        and all(isinstance(v, dict) and set(v) == set(keys) and all(map(_filled, v.values())) for v in value)
+    )
+
+
+@checker("numbered_items")
+def numbered_items(text: str, n: int) -> bool:
+    """Numbered items ('1. ' or '1) ' at the start of a line) numbered exactly 1, 2, ..., `n`."""
+    numbers = [int(m.group(1)) for m in map(_ITEM.match, text.splitlines()) if m]
+    return numbers == list(range(1, int(n) + 1))
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+@checker("markdown_table")
+def markdown_table(text: str, n: int, columns: list[str]) -> bool:
+    """The first run of lines starting with '|': a header naming `columns` (case-insensitively), a rule row of
+    dashes, then exactly `n` rows of as many non-empty cells."""
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.strip().startswith("|")), None)
+    if first is None:
+        return False
+    table = []
+    for line in lines[first:]:
+        if not line.strip().startswith("|"):
+            break
+        table.append(_cells(line))
+    if len(table) < 2 or [c.lower() for c in table[0]] != [c.lower() for c in columns]:
+        return False
+    if not all(_RULE_CELL.match(c) for c in table[1]) or len(table[1]) != len(columns):
+        return False
+    rows = table[2:]
+    return len(rows) == int(n) and all(len(r) == len(columns) and all(r) for r in rows)
+
+
+@checker("csv_rows")
+def csv_rows(text: str, n: int, header: list[str]) -> bool:
+    """A header line with the fields `header` (case-insensitively) followed by exactly `n` non-empty lines of as
+    many non-empty fields (inside a fenced block where there is one)."""
+    import csv
+
+    lines = _block(text).splitlines()
+    wanted = [h.lower() for h in header]
+    start = next((i for i, line in enumerate(lines) if [c.strip().lower() for c in line.split(",")] == wanted), None)
+    if start is None:
+        return False
+    rows = []
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        rows.append(line)
+    parsed = list(csv.reader(rows, skipinitialspace=True))
+    return len(parsed) == int(n) and all(len(r) == len(header) and all(c.strip() for c in r) for r in parsed)
+
+
+@checker("python_function")
+def python_function(text: str, name: str, n: int) -> bool:
+    """The code (the fenced block, else the whole text) parses with `ast` and defines `name` with `n` parameters
+    and a `for` or `while` loop in its body."""
+    import ast
+
+    try:
+        tree = ast.parse(_block(text))
+    except (SyntaxError, ValueError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == name and len(node.args.args) == int(n):
+            return any(isinstance(inner, (ast.For, ast.While)) for inner in ast.walk(node))
+    return False

@@ -134,6 +134,30 @@ def load_principles(path: str | Path | None = None, principle_set: str = "main")
     return _non_empty(out, source)
 
 
+@dataclass(frozen=True)
+class StructuredTask:
+    id: str
+    principle: str
+    prompt: str
+    check: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def load_structured(path: str | Path | None = None) -> list[StructuredTask]:
+    """Rows {"id", "principle", "prompt", "check", "params"} of the structured-output suite; ids must be unique."""
+    source = Path(path) if path is not None else _shipped("structured.jsonl")
+    out: list[StructuredTask] = []
+    for where, row in _rows(source):
+        task = StructuredTask(
+            *(_get(row, key, str, where) for key in ("id", "principle", "prompt", "check")),
+            params=dict(_get(row, "params", dict, where, required=False, default={})),
+        )
+        if any(t.id == task.id for t in out):
+            raise DatasetError(f"{where}: duplicate task id {task.id!r}")
+        out.append(task)
+    return _non_empty(out, source)
+
+
 def load_questions(path: str | Path | None = None) -> list[str]:
     """Rows {"id"?, "question"}; returns the question texts in file order. Defaults to the shipped questions."""
     source = Path(path) if path is not None else _shipped("questions.jsonl")

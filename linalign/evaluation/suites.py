@@ -10,7 +10,7 @@ from linalign.errors import LinalignError
 from linalign.evaluation import checkers, datasets
 from linalign.prompts import Conversation
 
-SUITES = ("principles", "principles-heldout", "persona", "files")
+SUITES = ("principles", "principles-heldout", "persona", "files", "structured")
 LETTERS = "ABCD"
 
 
@@ -62,6 +62,19 @@ def persona_tasks(path: str | None = None, limit: int | None = None) -> list[Tas
     return tasks
 
 
+def structured_tasks(limit: int | None = None) -> list[Task]:
+    """The structured-output suite: JSON lists, numbered lists, Markdown tables, CSV blocks and Python functions,
+    each under a principle; the score is whether the structure is valid and holds the count asked for. `limit`
+    keeps the first tasks of each format (group)."""
+    tasks, kept = [], {}
+    for t in datasets.load_structured():
+        group = t.id.split("/")[0]
+        kept[group] = kept.get(group, 0) + 1
+        if limit is None or kept[group] <= limit:
+            tasks.append(Task(t.id, t.prompt, t.principle, group, t.prompt, check=t.check, params=dict(t.params)))
+    return tasks
+
+
 def file_tasks(path: str, principle: str | None, limit: int | None = None) -> list[Task]:
     if not principle:
         raise LinalignError("the files suite needs --principle")
@@ -84,6 +97,8 @@ def build_tasks(
         return principle_tasks(limit, only, "heldout")
     if suite == "persona":
         return persona_tasks(file, limit)
+    if suite == "structured":
+        return structured_tasks(limit)
     if suite == "files":
         if not file:
             raise LinalignError("the files suite needs --file PATH (JSON or JSONL)")
