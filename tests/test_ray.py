@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -206,3 +207,57 @@ def test_bad_placements_fail_in_seconds_with_one_sentence(tiny, tmp_path, cluste
         result = CliRunner().invoke(app, [*args, "--ray-address", address, *extra])
         flat = " ".join(result.output.split())
         assert result.exit_code == 2 and message in flat and "Traceback" not in flat, (extra, result.output)
+
+
+def test_serving_replicas_answer_the_openai_client_like_one_server(tiny, cluster):
+    import httpx
+    from openai import OpenAI
+
+    from linalign import Aligner
+    from linalign.serve import create_app
+    from linalign.serve.server import serving
+
+    address, _ = cluster
+    port = free_port()
+    server = start_job(
+        ["serve", "--model", tiny.name, "--ray-address", address, "--replicas", "2", "--port", str(port)]
+    )
+    try:
+        deadline = time.monotonic() + 240
+        for line in server.stdout:  # its log, until the replicas are up
+            if "serving" in line:
+                break
+            assert time.monotonic() < deadline, "the replicas did not come up in time"
+        assert server.poll() is None
+        request = {
+            "model": tiny.name,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 6,
+            "extra_body": {"linalign": {"method": "la", "principle": PRINCIPLE}},
+        }
+        url = f"http://127.0.0.1:{port}/v1"
+        replicas = OpenAI(base_url=url, api_key="-", max_retries=0)
+        with serving(create_app(Aligner(tiny))) as single_url:
+            single = OpenAI(base_url=single_url, api_key="-", max_retries=0)
+            expected = single.chat.completions.create(**request).choices[0].message.content
+        assert replicas.chat.completions.create(**request).choices[0].message.content == expected
+        chunks = replicas.chat.completions.create(**request, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+        body = {**{k: v for k, v in request.items() if k != "extra_body"}, **request["extra_body"], "max_tokens": 2}
+
+        def replica_of_a_reply(_: int) -> str:
+            reply = httpx.post(f"{url}/chat/completions", json=body, timeout=120)
+            assert reply.status_code == 200, reply.text
+            return reply.headers["x-linalign-replica"]
+
+        with ThreadPoolExecutor(8) as pool:  # concurrent requests: Ray Serve's router spreads them over both
+            answered_by = set(pool.map(replica_of_a_reply, range(16)))
+        assert len(answered_by) == 2
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+    assert server.returncode == 0

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from linalign.errors import LinalignError
 from linalign.options import BackendOpt, CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, RefModelOpt, exits_cleanly
 
 HostOpt = Annotated[str, typer.Option(help="Interface to bind; the default keeps the server on this machine.")]
@@ -44,6 +45,11 @@ def serve(
     request_timeout: Annotated[
         float | None, typer.Option(help="Seconds a request may take in all (queue + decoding); none by default.")
     ] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve from replicas on a local Ray cluster.")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Replicas on the Ray cluster at HOST:PORT.")] = None,
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas, each its own model and batcher.")] = 1,
+    cpus_per_replica: Annotated[float, typer.Option(help="CPUs a Ray replica reserves (its threads).")] = 1.0,
+    gpus_per_replica: Annotated[float, typer.Option(help="GPUs a Ray replica reserves.")] = 0.0,
 ) -> None:
     """Serve OpenAI's chat completions API; a 'linalign' object in the body chooses method and principle."""
     import uvicorn
@@ -52,6 +58,23 @@ def serve(
     from linalign.serve.app import create_app
 
     console = Console(stderr=True)
+    if ray or ray_address is not None:
+        from linalign.distributed import RayPlacement, serve_on_ray
+
+        serve_on_ray(
+            RayPlacement(ray_address, replicas, cpus_per_replica, gpus_per_replica),
+            {"model": model, "reference": ref_model, "dtype": dtype, "device": device, "backend": backend}
+            | {"compile": compile},
+            {"api_key": api_key, "system_as_principle": system_as_principle, "ratio": ratio, "max_batch": max_batch}
+            | {"batch_window": batch_window_ms / 1000, "max_body_bytes": max_body_bytes, "model_name": model_name}
+            | {"max_queue": max_queue, "request_timeout": request_timeout},
+            host,
+            port,
+            ready=console.print,
+        )
+        return
+    if (replicas, cpus_per_replica, gpus_per_replica) != (1, 1.0, 0.0):
+        raise LinalignError("--replicas and --cpus/--gpus-per-replica place Ray replicas: add --ray")
     with console.status(f"loading {model}", spinner="dots"):
         aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device, backend=backend, compile=compile)
     app = create_app(
