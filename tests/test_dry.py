@@ -363,3 +363,30 @@ def test_cli_and_eval_take_the_penalty(tiny, tmp_path):
         "la ratio=2 dry=0.8/a4",
         "la ratio=2 mask=min_p0.1 dry=2",
     ]
+
+
+# -- the rule that decides the default ------------------------------------------------------------------------------
+
+
+def _records(run: str, scores: list[float], ppl: float, repeat4: float) -> list[dict]:
+    return [
+        {"run": run, "method": "la", "task": f"t{i}", "group": "g", "score": s, "perplexity": ppl}
+        | {"new_tokens": 10, "distinct2": 1.0, "repeat4": repeat4}
+        for i, s in enumerate(scores)
+    ]
+
+
+def test_the_rule_names_each_condition_and_its_margin():
+    from linalign.evaluation.decide import conditions
+
+    paper = [1, 1, 0, 1, 0, 1, 1, 0, 1, 1]
+    records = _records("prompt", [0] * 10, 2.0, 0.02) + _records("la ratio=2", paper, 3.0, 0.05)
+    records += _records("good", paper, 3.2, 0.01) + _records("loops", paper, 3.0, 0.04)
+    records += _records("worse", [0] * 10, 3.0, 0.0) + _records("rough", paper, 3.4, 0.0)
+    assert all(c["holds"] for c in conditions(records, "good", structured=False).values())
+    assert not conditions(records, "loops", structured=False)["repetition"]["holds"]
+    assert not conditions(records, "worse", structured=False)["compliance"]["holds"]
+    rough = conditions(records, "rough", structured=False)["perplexity"]
+    assert not rough["holds"] and rough["limit"] == pytest.approx(3.3)
+    structured = conditions(records, "worse", structured=True)
+    assert set(structured) == {"validity"} and not structured["validity"]["holds"]
