@@ -263,6 +263,28 @@ def test_weights_and_turns_reach_the_server(driver, tiny_url, tiny_aligner):
     assert columns(driver)[0]["text"] == want
 
 
+def test_prompt_and_amulet_columns_never_tell_a_negative_principle(driver, tiny_url, tiny_aligner):
+    """A negatively weighted principle is what Linear Alignment pushes away from; no column tells it."""
+    open_page(driver, tiny_url)
+    fill(driver, max_tokens=8)
+    choose_methods(driver, "prompt", "amulet")
+    driver.find_element(By.ID, "add-principle").click()
+    driver.switch_to.active_element.send_keys("Be gloomy.")
+    weights = driver.find_elements(By.CSS_SELECTOR, ".principle-weight")
+    weights[1].clear()
+    weights[1].send_keys("-0.5")
+    assert run_and_wait(driver) == "Done: 2 columns."
+    asked, config = [[{"role": "user", "content": QUESTION}]], DecodeConfig(max_new_tokens=8)
+    for column, method in zip(columns(driver), ["prompt", "amulet"], strict=True):
+        want = tiny_aligner.generate(asked, AlignConfig(method=method, principles=[PRINCIPLE]), config)[0].text
+        assert column["text"] == want, method
+    weights[0].clear()
+    weights[0].send_keys("-1")  # nothing left to tell: prompting is the plain question
+    choose_methods(driver, "prompt")
+    assert run_and_wait(driver) == "Done: 1 column."
+    assert columns(driver)[0]["text"] == tiny_aligner.generate(asked, AlignConfig(method="base"), config)[0].text
+
+
 def test_sweep_shows_one_column_per_ratio(driver, tiny_url):
     open_page(driver, tiny_url)
     fill(driver, max_tokens=6)

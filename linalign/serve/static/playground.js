@@ -127,13 +127,14 @@ function sweepRatios() {
 
 function alignOptions(method, ratio, principles) {
   if (method === "base") return { method };
-  if (method === "la") {
-    const options = { method, principles: principles.map((p) => p.text), ratio };
-    // The server weighs principle i by weights[i] * (1 + r); all 1 (its default) is the paper's l_p + r (l_p - l_0).
-    if (principles.some((p) => p.weight !== 1)) options.weights = principles.map((p) => p.weight);
-    return options;
-  }
-  return { method, principles: principles.filter((p) => p.weight > 0).map((p) => p.text) };
+  // Amulet takes one principle: the positively weighted one where there is one (the server tells the model
+  // only positively weighted principles, whatever the method, so the others would change nothing).
+  const positive = principles.filter((p) => p.weight > 0);
+  const sent = method === "amulet" && positive.length ? positive : principles;
+  const options = { method, principles: sent.map((p) => p.text), ...(method === "la" ? { ratio } : {}) };
+  // The server weighs principle i by weights[i] * (1 + r); all 1 (its default) is the paper's l_p + r (l_p - l_0).
+  if (sent.some((p) => p.weight !== 1)) options.weights = sent.map((p) => p.weight);
+  return options;
 }
 
 function columnSpecs(settings) {
