@@ -42,6 +42,7 @@ from linalign.models import LoadedModel, load_model, pick_backend, resolve
 from linalign.prompts import build_ids
 from linalign.step import aligned_scores
 
+CPU = torch.device("cpu")
 PRINCIPLE = "Answer in lowercase letters only. Never use capital letters."
 PROMPTS = [
     "What is the capital of France?",
@@ -155,6 +156,35 @@ def llama_step_ms(llama: Aligner, rows: int, steps: int = 32) -> float:
         best = min(best, (time.perf_counter() - start) / steps)
         backend.close()
     return best * 1000
+
+
+def _best_seconds(aligner: Aligner, prompts: list[str], align: AlignConfig, new_tokens: int) -> float:
+    config = DecodeConfig(new_tokens, min_new_tokens=new_tokens)
+    return min(_timed(lambda: aligner.generate(prompts, align, config), CPU) for _ in range(2))
+
+
+def invariance_cost(llama: Aligner, batches: tuple[int, ...], new_tokens: int, ratio: float) -> list[dict]:
+    """What batch invariance costs on llama.cpp: Linear Alignment's prefill and decode tokens/s with the default
+    (invariant) 32-token passes against llama.cpp's usual 512-token passes, per batch size (best of two runs).
+    Prefill counts the prompt tokens of both contexts; decode, the new tokens after the first."""
+    from linalign.backends.llamacpp import LlamaCppModel
+
+    runner = llama.main.runner
+    fast = LlamaCppModel(runner.path, threads=runner.threads, ubatch=512)
+    aligners = {"32": llama, "512": Aligner(replace(llama.main, runner=fast))}
+    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio)
+    rows = []
+    for batch in batches:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+        prompt_tokens = sum(len(ids) for p in llama.prepare_batch(prompts, align) for ids in p.term_ids)
+        row = {"batch": batch}
+        for passes, aligner in aligners.items():
+            first, full = (_best_seconds(aligner, prompts, align, n) for n in (1, new_tokens))
+            row[f"prefill_tokens_per_s_{passes}"] = round(prompt_tokens / first, 1)
+            row[f"decode_tokens_per_s_{passes}"] = round(batch * (new_tokens - 1) / max(full - first, 1e-9), 1)
+        rows.append(row)
+    fast.close()
+    return rows
 
 
 def _llama_runs(
@@ -277,6 +307,7 @@ def run_benchmark(
         m.speed_vs_generate = m.tokens_per_s / floor.tokens_per_s
         m.memory_vs_generate = m.peak_mb / floor.peak_mb
     step_ms = {rows: round(llama_step_ms(llama, rows), 2) for rows in (1, 2)} if llama is not None else None
+    invariance = invariance_cost(llama, batches, new_tokens, ratio) if llama is not None else None
     return {
         "model": loaded.name,
         "weights": "random" if loaded.random_weights else "pretrained",
@@ -289,6 +320,7 @@ def run_benchmark(
         "model_load_seconds": round(load_seconds, 2),
         "llamacpp_load_seconds": llama_seconds,
         "llamacpp_step_ms": step_ms,  # one decode step of 1 and of 2 rows: Linear Alignment's bound is the ratio
+        "llamacpp_invariance": invariance,  # 32-token passes (the default, batch-invariant) vs 512-token passes
         "compile_seconds": compile_seconds,  # first run of each compiled method: compilation and one decode
         "results": [asdict(m) for m in results],
     }

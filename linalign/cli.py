@@ -372,6 +372,15 @@ def bench(
             f"llama.cpp decode step: 1 row {one:.1f} ms, 2 rows {two:.1f} ms: on these weights Linear Alignment "
             f"(2 rows a sequence) can reach at most {one / two:.2f}x llama.cpp's plain decoding at batch 1"
         )
+    for row in report["llamacpp_invariance"] or []:
+        console.print(
+            f"batch invariance on llama.cpp, batch {row['batch']}: prefill {row['prefill_tokens_per_s_32']:.0f} "
+            f"tokens/s with 32-token passes vs {row['prefill_tokens_per_s_512']:.0f} with 512 "
+            f"({row['prefill_tokens_per_s_32'] / row['prefill_tokens_per_s_512']:.2f}x), decode "
+            f"{row['decode_tokens_per_s_32']:.1f} vs {row['decode_tokens_per_s_512']:.1f} tokens/s "
+            f"({row['decode_tokens_per_s_32'] / row['decode_tokens_per_s_512']:.2f}x)",
+            soft_wrap=True,
+        )
     console.print(f"model load: {report['model_load_seconds']} s; report written to {out}", soft_wrap=True)
 
 
@@ -437,6 +446,11 @@ def evaluate(
     variant_ratios: Annotated[
         str | None, typer.Option(help="Ratios the variants run at (default: --ratios), comma-separated.")
     ] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Generate and score on a local Ray cluster.")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Generate and score on the Ray cluster at HOST:PORT.")] = None,
+    replicas: Annotated[int, typer.Option(help="Ray replicas, each with its own model.")] = 1,
+    cpus_per_replica: Annotated[float, typer.Option(help="CPUs a Ray replica reserves (its threads).")] = 1.0,
+    gpus_per_replica: Annotated[float, typer.Option(help="GPUs a Ray replica reserves.")] = 0.0,
 ) -> None:
     """Evaluate methods and ratios on a suite; results stream to JSONL and a rerun resumes."""
     from linalign.engine import Aligner
@@ -478,16 +492,29 @@ def evaluate(
     tasks = sampled(tasks, samples)
     out = out or Path("runs") / f"eval-{suite}"
     console = Console()
-    with console.status(f"loading {model}", spinner="dots"):
-        aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device, backend=backend)
-        if aligner.main.backend == "llamacpp":
-            settings.kernel = "llamacpp"
-        else:
-            weight = next(aligner.main.model.parameters())
-            settings.kernel = describe(weight.device, weight.dtype)
-        scorer = RewardModel(reward_model, device=device) if reward_model else None
+    aligner, scorer, executor = None, None, None
+    if ray or ray_address is not None:  # generation and scoring on Ray replicas (docs/scaling.md)
+        from linalign.distributed import RayPlacement, expected_kernel, ray_evaluator
+
+        settings.kernel = expected_kernel(model, backend, device, dtype)
+        placement = RayPlacement(ray_address, replicas, cpus_per_replica, gpus_per_replica)
+        options = {"model": model, "reference": ref_model, "dtype": dtype, "device": device, "backend": backend}
+        executor = ray_evaluator(placement, options, reward_model, settings, fluency)
+    elif (replicas, cpus_per_replica, gpus_per_replica) != (1, 1.0, 0.0):
+        raise LinalignError("--replicas and --cpus/--gpus-per-replica place Ray replicas: add --ray")
+    else:
+        with console.status(f"loading {model}", spinner="dots"):
+            aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device, backend=backend)
+            if aligner.main.backend == "llamacpp":
+                settings.kernel = "llamacpp"
+            else:
+                weight = next(aligner.main.model.parameters())
+                settings.kernel = describe(weight.device, weight.dtype)
+            scorer = RewardModel(reward_model, device=device) if reward_model else None
     console.print(f"{len(tasks)} tasks x {len(runs)} runs -> {out}", soft_wrap=True)
-    records = run_eval(aligner, tasks, settings, out, batch_size=batch_size, fluency=fluency, reward_model=scorer)
+    records = run_eval(
+        aligner, tasks, settings, out, batch_size=batch_size, fluency=fluency, reward_model=scorer, executor=executor
+    )
     judgments = {}
     if judge or judge_base_url:
         complete = (
