@@ -24,6 +24,7 @@ import ipaddress
 import json
 import logging
 import os
+import pickle
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -174,28 +175,86 @@ def ray_executor(
             return
         where = placement.address or f"a local Ray cluster on {LOOPBACK}"
         status(f"starting {placement.replicas} replica(s) of {settings.model} on {where}")
-        with ray_cluster(placement.address) as ray:
-            import ray.data
-            from ray.data import ActorPoolStrategy
+        payloads = [json.dumps(b, ensure_ascii=False) for b in batches]
+        replica = {"settings": asdict(settings), "threads": placement.threads}
+        for result in on_replicas(placement, JobReplica, replica, payloads):
+            yield json.loads(result)
 
-            check_capacity(ray, placement)
-            logging.getLogger("ray.data").setLevel(logging.ERROR)
-            context = ray.data.DataContext.get_current()
-            context.enable_progress_bars = False  # the job's own bar counts records
-            context.print_on_execution_start = False
-            # One batch a block: each comes back as soon as a replica finishes it.
-            rows = [{"batch": json.dumps(b, ensure_ascii=False)} for b in batches]
-            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-                JobReplica,
-                fn_constructor_kwargs={"settings": asdict(settings), "threads": placement.threads},
-                batch_size=1,
-                batch_format="numpy",
-                compute=ActorPoolStrategy(size=placement.replicas),
-                num_cpus=placement.cpus_per_replica,
-                num_gpus=placement.gpus_per_replica,
-            )
-            for row in dataset.iter_rows():
-                yield json.loads(row["result"])
+    return execute
+
+
+def on_replicas(placement: RayPlacement, replica: type, arguments: dict, payloads: list) -> Iterator[Any]:
+    """Each payload through one call of a pool of `replica(**arguments)` actors (Ray Data `map_batches`, one
+    payload a block and a call), the results in the order they finish."""
+    with ray_cluster(placement.address) as ray:
+        import ray.data
+        from ray.data import ActorPoolStrategy
+
+        check_capacity(ray, placement)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the caller's own bar counts records
+        context.print_on_execution_start = False
+        rows = [{"batch": p} for p in payloads]
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            replica,
+            batch_size=1,
+            batch_format="numpy",
+            fn_constructor_kwargs=arguments,
+            compute=ActorPoolStrategy(size=placement.replicas),
+            num_cpus=placement.cpus_per_replica,
+            num_gpus=placement.gpus_per_replica,
+        )
+        for row in dataset.iter_rows():
+            yield row["result"]
+
+
+class EvalReplica:
+    """One Ray Data actor of `eval --ray`: the model (and reward model), loaded once; each call evaluates one
+    batch of tasks under one run (a pickled `Unit`), as `eval` does in one process, and returns its records."""
+
+    def __init__(self, model: dict, reward_model: str | None, settings: bytes, fluency: bool, threads: int) -> None:
+        from linalign.evaluation.judges import RewardModel
+        from linalign.evaluation.runner import local_evaluator
+
+        aligner = capped_aligner(threads, **model)
+        scorer = RewardModel(reward_model, device=model.get("device", "cpu")) if reward_model else None
+        self.evaluate = local_evaluator(aligner, pickle.loads(settings), fluency, scorer)
+
+    def __call__(self, rows: dict) -> dict:
+        import numpy as np
+
+        results = [json.dumps(list(self.evaluate([pickle.loads(p)]))[0]) for p in rows["batch"]]
+        return {"result": np.array(results, dtype=object)}
+
+
+def expected_kernel(model: str, backend: str, device: str, dtype: str) -> str:
+    """The decode kernel `eval` records with its results (`EvalSettings.kernel`), decided without loading the
+    model here: "llamacpp", or the matrix-product form for the device and dtype (float32 for dtype "auto")."""
+    import torch
+
+    from linalign.kernels import describe
+    from linalign.models import pick_backend, resolve
+
+    if pick_backend(backend, resolve(model)) == "llamacpp":
+        return "llamacpp"
+    kind = getattr(torch, dtype, torch.float32) if dtype != "auto" else torch.float32
+    return describe(torch.device("cpu" if device == "auto" else device), kind)
+
+
+def ray_evaluator(placement: RayPlacement, model: dict, reward_model: str | None, settings, fluency: bool):
+    """`eval --ray`: the evaluation's batches on Ray replicas, scoring (checks, perplexity, reward) where the
+    model is; the records come back to the driver as each batch finishes."""
+    if placement.gpus_per_replica > 0 and model.get("device", "cpu") == "cpu":
+        raise LinalignError("--gpus-per-replica needs a GPU device: add --device cuda")
+
+    def execute(units: list) -> Iterator[list[dict]]:
+        if not units:
+            return
+        arguments = {"model": model, "reward_model": reward_model, "settings": pickle.dumps(settings)}
+        arguments |= {"fluency": fluency, "threads": placement.threads}
+        for result in on_replicas(placement, EvalReplica, arguments, [pickle.dumps(u) for u in units]):
+            yield json.loads(result)
 
     return execute
 

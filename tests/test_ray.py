@@ -261,3 +261,17 @@ def test_serving_replicas_answer_the_openai_client_like_one_server(tiny, cluster
             server.kill()
             server.wait(timeout=10)
     assert server.returncode == 0
+
+
+def test_eval_on_replicas_gives_the_local_summary(tiny, tmp_path, cluster):
+    address, _ = cluster
+    args = ["eval", "--suite", "principles", "--only", "lowercase,uppercase", "--limit", "3", "--model", tiny.name]
+    args += ["--methods", "prompt,la", "--ratios", "1,4", "--max-new-tokens", "4", "--batch-size", "2"]
+    local = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "local")])
+    assert local.exit_code == 0, local.output
+    on_ray = run_cli([*args, "--out", str(tmp_path / "ray"), "--ray-address", address, "--replicas", "2"])
+    assert on_ray.returncode == 0, on_ray.stderr
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("local", "ray")]
+    assert summaries[0] == summaries[1] and len(summaries[0]["runs"]) == 3
+    records = [sorted((tmp_path / d / "generations.jsonl").read_text().splitlines()) for d in ("local", "ray")]
+    assert records[0] == records[1] and len(records[0]) == 18  # 2 principles x 3 questions x 3 runs

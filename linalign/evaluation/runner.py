@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -169,7 +169,7 @@ def _batches(items: Sequence[Task], size: int) -> Iterable[list[Task]]:
 
 
 def run_eval(
-    aligner: Aligner,
+    aligner: Aligner | None,
     tasks: Sequence[Task],
     settings: EvalSettings,
     out: Path,
@@ -178,27 +178,49 @@ def run_eval(
     fluency: bool = True,
     reward_model: RewardModel | None = None,
     show_progress: bool = True,
+    executor: EvalExecutor | None = None,
 ) -> list[dict]:
-    """Generate and score every task under every run of `settings`; return all records (old and new)."""
+    """Generate and score every task under every run of `settings`; return all records (old and new).
+
+    `executor` runs the batches (one `Unit` each) and yields each batch's records as it finishes; by default
+    they run here, one after the other, on `aligner` (`linalign.distributed` runs them on Ray replicas)."""
     _guard_settings(out, settings)
     records_path = out / RECORDS
     records = read_records(records_path)
     done = {(r["run"], r["task"]) for r in records}
     runs = settings.runs()
     todo = [(align, t) for align in runs for t in tasks if (align.label, t.id) not in done]
-    config = settings.decode()
+    units = [(align, batch) for align in runs for batch in _batches([t for a, t in todo if a is align], batch_size)]
+    settings.decode()  # refused here, before any work, if the decoding settings are bad
+    if executor is None:
+        executor = local_evaluator(aligner, settings, fluency, reward_model)
     progress = tqdm(total=len(todo), desc="evaluating", unit="reply", disable=not show_progress)
     with open_for_append(records_path) as sink:
-        for align in runs:
-            pending = [t for a, t in todo if a is align]
-            for batch in _batches(pending, batch_size):
-                for record in _evaluate_batch(aligner, align, batch, config, settings, fluency, reward_model):
-                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    records.append(record)
-                sink.flush()  # written as they are produced: an interruption loses at most one batch
-                progress.update(len(batch))
+        for batch_records in executor(units):
+            for record in batch_records:
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                records.append(record)
+            sink.flush()  # written as they are produced: an interruption loses at most the batches in flight
+            progress.update(len(batch_records))
     progress.close()
     return records
+
+
+Unit = tuple[AlignConfig, list[Task]]  # one batch of tasks under one run
+EvalExecutor = Callable[[list[Unit]], Iterable[list[dict]]]
+
+
+def local_evaluator(
+    aligner: Aligner, settings: EvalSettings, fluency: bool, reward_model: RewardModel | None
+) -> EvalExecutor:
+    """Every batch on `aligner`, here, one after the other."""
+
+    def execute(units: list[Unit]) -> Iterator[list[dict]]:
+        config = settings.decode()
+        for align, batch in units:
+            yield _evaluate_batch(aligner, align, batch, config, settings, fluency, reward_model)
+
+    return execute
 
 
 def _evaluate_batch(
