@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from linalign.models import LoadedModel, load_model
+
+# Pin the CPU matrix-product form: `auto` picks it by a 0.2-s timing, which a busy machine can tip the other way,
+# and the two forms round differently.
+os.environ.setdefault("LINALIGN_KERNEL", "transposed")
 
 
 def hf_greedy(loaded: LoadedModel, ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
@@ -70,8 +76,24 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(_dequantised(builtin_gguf()))
 
 
+# The tiers, by module: what each test needs beyond tiny models in this process.
+TIERS = {
+    "test_serve": "server",
+    "test_serve_load": "server",
+    "test_serve_shutdown": "server",
+    "test_playground": "browser",
+    "test_ray": "cluster",
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that loads the real built-in model is `slow` (`-m "not slow"` runs the fast ones)."""
+    """Tiers as markers: `model` (the real built-in model), `server` (a real HTTP server), `browser` (Chromium),
+    `cluster` (Ray); each of them is also `slow`, so `-m "not slow"` runs the unit tier alone (under a minute)."""
     for item in items:
-        if "smollm2" in getattr(item, "fixturenames", ()):
+        tier = TIERS.get(item.path.stem)
+        if tier:
+            item.add_marker(getattr(pytest.mark, tier))
+        if "smollm2" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.model)
+        if tier or item.get_closest_marker("model"):
             item.add_marker(pytest.mark.slow)

@@ -58,11 +58,11 @@ def test_batched_equals_one_at_a_time_and_seeds_are_per_row(llama):
     config = DecodeConfig(max_new_tokens=10)
     batched = [g.token_ids for g in llama.generate(QUESTIONS, align, config)]
     assert batched == [llama.generate([q], align, config)[0].token_ids for q in QUESTIONS]
-    # llama.cpp's batched kernels change logits' low bits with the batch's make-up, which a sample may follow:
-    # seeded samples repeat for the same batch, and each row has its own seed.
+    # Seeded samples repeat, each row has its own seed (seed + its index), and a row samples alike alone.
     sampled = DecodeConfig(max_new_tokens=10, temperature=0.8, seed=4)
     runs = [[g.token_ids for g in llama.generate(QUESTIONS, align, sampled)] for _ in range(2)]
     assert runs[0] == runs[1] and runs[0] != batched
+    assert runs[0][0] == llama.generate(QUESTIONS[:1], align, sampled)[0].token_ids
 
 
 def test_stop_strings_and_streaming(llama):
