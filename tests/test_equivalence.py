@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import hf_greedy
+from reference import nucleus
 
 from linalign import AlignConfig, Aligner, DecodeConfig
 from linalign.hf import LinearAlignmentLogitsProcessor
@@ -17,15 +18,6 @@ QUESTIONS = ["What is the capital of France?", "Name three animals that live in 
 def engine_ids(aligner: Aligner, prompts, align: AlignConfig, n: int) -> list[list[int]]:
     """Token ids the engine chose per prompt (up to and including EOS)."""
     return [g.token_ids for g in aligner.generate(prompts, align, DecodeConfig(max_new_tokens=n))]
-
-
-def nucleus(logits: torch.Tensor, top_p: float, temperature: float) -> torch.Tensor:
-    """BRIEF rule 3 over the whole sorted vocabulary: a token stays while the mass before it is below `top_p`."""
-    probs = torch.softmax(logits / temperature, -1)
-    sorted_probs, order = probs.sort(descending=True)
-    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
-    keep[0] = True
-    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep)
 
 
 def reference_loop(loaded, contexts, weights, anchor, top_p, n, temperature=1.0, generator=None):

@@ -10,6 +10,7 @@ pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.slow  # runs the real built-in model (through llama.cpp)
 
 from margins import assert_close_and_same_where_decided  # noqa: E402
+from reference import authors_choice  # noqa: E402
 
 from linalign.backends.gguf_random import random_llama_gguf  # noqa: E402
 from linalign.backends.llamacpp import LlamaCppModel, shared_prefixes  # noqa: E402
@@ -40,16 +41,6 @@ def pairs(tokenizer) -> list[tuple[list[int], list[int]]]:
     return [(build_ids(tokenizer, q, PRINCIPLE), build_ids(tokenizer, q)) for q in QUESTIONS]
 
 
-def la_choice(l_p: torch.Tensor, l_0: torch.Tensor, ratio: float, top_p: float = 0.8) -> torch.Tensor:
-    """The authors' greedy choice: argmax of `l_p + r (l_p - l_0)` within the top-p nucleus of softmax(l_p)."""
-    combined = (1 + ratio) * l_p - ratio * l_0
-    probs, order = torch.softmax(l_p, dim=-1).sort(dim=-1, descending=True)
-    keep = (probs.cumsum(dim=-1) - probs) < top_p
-    keep[..., 0] = True
-    mask = torch.zeros_like(keep).scatter(-1, order, keep)
-    return combined.masked_fill(~mask, float("-inf")).argmax(dim=-1)
-
-
 def la_cached(model: LlamaCppModel, pairs, ratio: float, n: int = NEW_TOKENS) -> list[list[int]]:
     """Linear Alignment on one backend: rows 2i / 2i+1 are prompt i with / without the principle; finished
     prompts leave the batch (their rows are dropped with `keep`)."""
@@ -57,7 +48,7 @@ def la_cached(model: LlamaCppModel, pairs, ratio: float, n: int = NEW_TOKENS) ->
     logits = backend.add([ids for pair in pairs for ids in pair])
     alive, out = list(range(len(pairs))), [[] for _ in pairs]
     for _ in range(n):
-        chosen = la_choice(logits[0::2], logits[1::2], ratio)
+        chosen = authors_choice(logits[0::2], logits[1::2], ratio)
         for i, token in zip(alive, chosen.tolist(), strict=True):
             out[i].append(token)
         going = [j for j, token in enumerate(chosen.tolist()) if token not in model.eos_ids]
@@ -84,7 +75,7 @@ def la_uncached(model: LlamaCppModel, principled: list[int], plain: list[int], r
     out: list[int] = []
     for _ in range(NEW_TOKENS):
         l_p, l_0 = uncached_logits(model, principled + out), uncached_logits(model, plain + out)
-        token = int(la_choice(l_p[None], l_0[None], ratio)[0])
+        token = int(authors_choice(l_p[None], l_0[None], ratio)[0])
         out.append(token)
         if token in model.eos_ids:
             break

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from conftest import hf_greedy
+from reference import nucleus
 
 from linalign import AlignConfig, Aligner, DecodeConfig, LinearAlignmentLogitsProcessor
 from linalign.errors import LinalignError
@@ -63,15 +64,6 @@ PRINCIPLE = "Answer in lowercase letters only."
 QUESTIONS = ["What is the capital of France?", "Name three animals that live in the sea, please.", "Why?"]
 N = 16
 RATIO = 8.0  # strong enough that every option changes some choice of the tiny model
-
-
-def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The BRIEF's rule 3 over the whole sorted vocabulary, at temperature 1."""
-    probs = torch.softmax(logits, -1)
-    sorted_probs, order = probs.sort(descending=True)
-    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
-    keep[0] = True
-    return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
 def reference_mask(lp: torch.Tensor, l0: torch.Tensor, kind: str, top_p: float, min_p: float) -> torch.Tensor:
