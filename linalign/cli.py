@@ -168,7 +168,9 @@ def generate(
             principles=list(principle or []),
             knobs={"ratio": ratio, "weights": weight, "lam": lam, "plausibility_top_p": plausibility_top_p}
             | {"amulet_iterations": amulet_iterations, "amulet_eta": amulet_eta, "amulet_alpha": amulet_alpha}
-            | {"amulet_lambda": amulet_lambda, "repeat_guard": repeat_guard},
+            | {"amulet_lambda": amulet_lambda, "repeat_guard": repeat_guard}
+            | {"dry_multiplier": dry_multiplier, "dry_base": dry_base, "dry_allowed_length": dry_allowed_length}
+            | {"dry_breakers": [unescape(b) for b in dry_breaker] if dry_breaker else None},
             la_options=la_options | ({"plausibility_min_p": min_p} if la_options else {}),
             decode=vars(decode_config(max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
             | {"stop": [unescape(s) for s in stop or []], "repetition_penalty": repetition_penalty},

@@ -68,6 +68,7 @@ class JobSettings:
 
     def __post_init__(self) -> None:
         self.methods = parse_methods(self.methods)
+        self.knobs = {k: v for k, v in self.knobs.items() if v is not None}  # unset: AlignConfig's default
         self.decode = asdict(DecodeConfig(**self.decode))  # checked, every field spelled out
         if any(m == "dera" for m in self.methods) and self.ref_model is None:
             raise LinalignError("method 'dera' needs --ref-model")

@@ -201,6 +201,9 @@ def test_the_command_line_runs_a_job_and_refuses_what_does_not_fit(tiny, tmp_pat
     ]:
         result = CliRunner().invoke(app, [*base, *extra])
         assert result.exit_code == 2 and message in result.output, (extra, result.output)
+    dry = CliRunner().invoke(app, [*base, "--output", str(tmp_path / "dry.jsonl"), "--dry-multiplier", "0.8"])
+    assert dry.exit_code == 0, dry.output  # the loop penalty, like every option of generate, reaches the job
+    assert {r["run"] for r in lines(tmp_path / "dry.jsonl")} == {"la ratio=2 dry=0.8"}
     result = CliRunner().invoke(app, ["generate", "Hi", "--output", str(out)])
     assert result.exit_code == 2 and "--input" in result.output
     missing = CliRunner().invoke(app, ["generate", "--input", str(tmp_path / "nope.jsonl"), "--output", str(out)])
