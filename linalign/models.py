@@ -11,6 +11,8 @@ import importlib.util
 import os
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from linalign.backends import Backend
 from linalign.backends.compiled import CompiledBackend, CompiledModel
@@ -240,6 +243,19 @@ def _prepared_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeniz
     return tokenizer
 
 
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' "Loading weights" bar off while loading: it would land in the middle of what a program
+    prints (loading the built-in model takes about a second)."""
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 @on_own_thread
 def load_model(
     spec: str | None = None, *, dtype: str = "float32", device: str = "cpu", backend: str = "transformers"
@@ -260,9 +276,10 @@ def load_model(
     offline = isinstance(source, str) and not hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=_DTYPES[dtype], local_files_only=offline, **placement
-        )
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=_DTYPES[dtype], local_files_only=offline, **placement
+            )
     except (OSError, ValueError, KeyError) as err:
         if offline:
             raise LinalignError(

@@ -1,8 +1,11 @@
 """Every snippet of the README runs: the Python ones as written (the server's against a live server), the
-`linalign generate` ones with the models they name replaced by the tiny test models and few tokens."""
+`linalign generate` ones with the models they name replaced by the tiny test models and few tokens. Where the
+README says what an example prints (its `# →` lines; `…` stands for any text), the example runs on the built-in
+model and the default backend, as a new user runs it, and prints that."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -22,12 +25,17 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
 
 
-def commands() -> list[tuple[str | None, list[str]]]:
-    """(stdin, argv) of every `linalign generate` command in the bash blocks."""
+def commands() -> list[tuple[str | None, list[str], dict[str, list[str]]]]:
+    """(stdin, argv, expected answers by method) of every `linalign generate` command in the bash blocks; the
+    answers are the `# → method: answer | answer` lines under a command."""
     found = []
     for block in blocks("bash"):
         lines = re.sub(r"\\\n\s*", " ", block).splitlines()
         for line in lines:
+            if line.startswith("# → ") and found:
+                method, _, answers = line.removeprefix("# → ").partition(": ")
+                found[-1][2][method] = answers.split(" | ")
+                continue
             line = line.split("  #")[0].strip()
             stdin = None
             if line.startswith("echo "):
@@ -35,24 +43,66 @@ def commands() -> list[tuple[str | None, list[str]]]:
                 stdin = shlex.split(echoed)[1] + "\n"
                 line = line.strip()
             if line.startswith("linalign generate"):
-                found.append((stdin, shlex.split(line)[2:]))
+                found.append((stdin, shlex.split(line)[2:], {}))
     return found
+
+
+def printed(code: str) -> list[str]:
+    """What a Python snippet says it prints: its `# →` comments, in order."""
+    return [line.split("# → ", 1)[1] for line in code.splitlines() if "# → " in line]
+
+
+def matches(expected: str, actual: str) -> bool:
+    """`…` stands for any text (or none)."""
+    return re.fullmatch(".*".join(re.escape(part.strip()) for part in expected.split("…")), actual.strip()) is not None
 
 
 def test_the_readme_has_the_snippets_this_file_runs():
     assert len(blocks("python")) >= 3 and len(commands()) >= 6
+    assert all(printed(code) for code in blocks("python")), "every Python snippet says what it prints"
+    assert sum(bool(expected) for *_, expected in commands()) >= 2
+
+
+def test_the_wildcard():
+    assert matches("In a small town, …", "In a small town, there was")
+    assert matches("b …", "b 'Paris.' stop") and matches("Paris", " Paris ")
+    assert not matches("Paris", "Paris is the capital") and not matches("a 'grape' stop", "a 'Grape' stop")
+
+
+@pytest.fixture(scope="module")
+def default_aligner() -> Aligner:
+    """The built-in model on the default backend, as `linalign serve` loads it."""
+    return Aligner()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
-def test_python_snippets_run(index, smollm2, capsys):
+def test_python_snippets_print_what_the_readme_says(index, default_aligner, capsys):
     code = blocks("python")[index]
     if "OpenAI(base_url=" in code:
-        with serving(create_app(Aligner(smollm2))) as url:
+        with serving(create_app(default_aligner)) as url:
             exec(compile(code.replace("http://127.0.0.1:8000/v1", url), "README", "exec"), {})
     else:
         exec(compile(code, "README", "exec"), {})
-    assert capsys.readouterr().out.strip()
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert len(lines) == len(printed(code)), out
+    for expected, actual in zip(printed(code), lines, strict=True):
+        assert matches(expected, actual), (expected, actual)
+    assert "Loading weights" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [i for i, (*_, expected) in enumerate(commands()) if expected])
+def test_cli_examples_answer_what_the_readme_says(index):
+    """The command as written, on the built-in model and the default backend (`--json` shows the same answers)."""
+    stdin, argv, expected = commands()[index]
+    result = CliRunner().invoke(app, ["generate", *argv, "--json"], input=stdin)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    for method, answers in expected.items():
+        got = [r["text"] for r in records if r["method"] == method]
+        assert len(got) == len(answers) and all(map(matches, answers, got)), (method, got)
 
 
 def _substituted(argv: list[str], tiny: str, other: str) -> list[str]:
@@ -72,6 +122,6 @@ def _substituted(argv: list[str], tiny: str, other: str) -> list[str]:
 
 @pytest.mark.parametrize("index", range(len(commands())))
 def test_cli_examples_run(index, tiny, tiny_other):
-    stdin, argv = commands()[index]
+    stdin, argv, _ = commands()[index]
     result = CliRunner().invoke(app, ["generate", *_substituted(argv, tiny.name, tiny_other.name)], input=stdin)
     assert result.exit_code == 0, result.output
