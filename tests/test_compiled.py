@@ -194,3 +194,14 @@ def test_random_init_shapes_match_the_public_models():
         assert compiled_module.compile_problem(model) is None
     mistral = random_init_model("mistral-7b", dtype="bfloat16", device="meta")
     assert "vocabulary 32768 -> 49152" in mistral.name  # enlarged for the built-in tokenizer's ids
+
+
+def test_importing_linalign_leaves_torch_settings_alone():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; before = torch._dynamo.config.recompile_limit; import linalign, linalign.backends.compiled; "
+        "assert torch._dynamo.config.recompile_limit == before, torch._dynamo.config.recompile_limit"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

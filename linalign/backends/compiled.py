@@ -47,10 +47,6 @@ DYNAMIC: bool | None = None
 POOL = 4  # free static caches kept per model for reuse (the most recent); older ones are freed
 COMPACT_EVERY: int | None = None  # default of `CompiledBackend(compact_every=...)`: finished rows stay, masked
 
-# Every (model, rows, length) is its own graph of the same code object; the default limit of 8 would silently
-# send a benchmark over two models and three batch sizes back to eager.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-
 
 def compile_problem(model: PreTrainedModel) -> str | None:
     """Why `model` cannot take the compiled path, or None when it can."""
@@ -82,6 +78,10 @@ class CompiledModel:
         self.cuda = self.device.type == "cuda"
         self._cache_name = _cache_argument(model)
         mode = CUDA_MODE if self.cuda else None  # CUDA graphs on CUDA; inductor's default elsewhere
+        # Every (model, rows, length) is its own graph of the same code object; the default limit of 8 would
+        # silently send a benchmark over two models and three batch sizes back to eager. Raised here, when
+        # linalign compiles, not on import: a program that only imports linalign keeps its own settings.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled = torch.compile(self.forward, mode=mode, dynamic=DYNAMIC, fullgraph=True)
         self.eager = False  # set when compilation failed: the step then runs eagerly
         self._pool: list[tuple[tuple[int, int], StaticCache]] = []  # (rows, length), oldest first
