@@ -300,7 +300,9 @@ class LoopPenalty:
         if a - sa != b - sb:
             return None
         line = self.tokens[sa:a]
-        if line != self.tokens[sb:b] or any(t in self.hard for t in line) or all(t in self.bare for t in line):
+        if line != self.tokens[sb:b] or any(t in self.hard for t in line):
+            return None
+        if line and all(t in self.bare for t in line):  # punctuation alone is a frame; a blank line is crossed
             return None
         return a - sa
 

@@ -117,6 +117,12 @@ def test_a_loop_of_whole_lines_is_penalised_more_with_every_line():
     assert seen == pytest.approx([0.0, M * BASE, M * BASE**4, M * BASE**7])
 
 
+def test_blank_lines_between_repeated_lines_are_crossed():
+    # "5 6 \n \n 5 6 \n \n": paragraphs of one line repeated, a blank line between them
+    got = penalty([5, 6, LINE, LINE, 5, 6, LINE, LINE])
+    assert got == pytest.approx({5: M * BASE**2})  # the blank line, "5 6" and its newline: length 4
+
+
 def test_a_frame_at_the_start_of_differing_lines_stops_at_the_newline():
     dash = 20  # "- " opening every item of a list whose items differ
     reply = [dash, 11, 12, LINE, dash, 13, 14, LINE, dash, 15, 16, LINE, dash]
