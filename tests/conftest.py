@@ -78,6 +78,7 @@ def tokenizer():
 
 # The tiers, by module: what each test needs beyond tiny models in this process.
 TIERS = {
+    "test_backends": "model",
     "test_serve": "server",
     "test_serve_load": "server",
     "test_serve_shutdown": "server",
