@@ -166,13 +166,13 @@ def test_a_full_queue_is_429_with_retry_after(aligner):
 
 
 def test_a_request_past_the_deadline_is_a_clear_504(aligner):
-    app = create_app(aligner, request_timeout=2.0)
+    app = create_app(aligner, request_timeout=0.3)
     with serving(app) as url:
         client = client_for(url)
-        with compute_held(), pytest.raises(openai.APIStatusError) as err:  # no token until the limit has passed
+        with pytest.raises(openai.APIStatusError) as err:
             client.chat.completions.create(model="m", messages=QUESTION, max_tokens=450)
         assert err.value.status_code == 504 and "time limit" in err.value.body["message"]
-        with compute_held(), pytest.raises(openai.APIError, match="time limit"):
+        with pytest.raises(openai.APIError, match="time limit"):
             list(client.chat.completions.create(model="m", messages=QUESTION, max_tokens=450, stream=True))
         assert client.chat.completions.create(model="m", messages=QUESTION, max_tokens=1).choices
 
