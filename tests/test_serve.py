@@ -128,6 +128,11 @@ def test_dera_with_the_reference_model(client, tiny_aligner):
 
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list()] == ["tiny"]
+    model = client.models.retrieve("tiny")
+    assert (model.id, model.object, model.owned_by) == ("tiny", "model", "linalign")
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4o")
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
     assert httpx.get(server[0].removesuffix("/v1") + "/health").json()["status"] == "ok"
 
 
@@ -135,13 +140,17 @@ BAD_REQUESTS = {
     "empty messages": ({"messages": []}, "messages", "at least 1"),
     "no user message": ({"messages": [{"role": "system", "content": "hi"}]}, "messages", "user message"),
     "unknown method": ({"linalign": {"method": "magic", "principle": "p"}}, "linalign.method", "'la'"),
-    "negative ratio": ({"linalign": {"principle": "p", "ratio": -1}}, "linalign", "ratio must be >= 0"),
+    "negative ratio": ({"linalign": {"principle": "p", "ratio": -1}}, "linalign.ratio", "greater than or equal to 0"),
     "misspelt option": ({"linalign": {"principle": "p", "ration": 2}}, "linalign.ration", "Extra inputs"),
     "no principle": ({"linalign": {"method": "la"}}, "linalign", "needs a principle"),
-    "bad mask": ({"linalign": {"principle": "p", "plausibility_top_p": 2}}, "linalign", "plausibility_top_p"),
+    "bad mask": (
+        {"linalign": {"principle": "p", "plausibility_top_p": 2}},
+        "linalign.plausibility_top_p",
+        "plausibility_top_p must be in [0, 1]",
+    ),
     "too many tokens": ({"max_tokens": 100_000}, "max_tokens", "exceeds the context"),
     "prompt too long": ({"messages": [{"role": "user", "content": "word " * 600}]}, "messages", "context of 512"),
-    "bad top_p": ({"temperature": 1, "top_p": 0}, None, "top_p must be in (0, 1]"),
+    "bad top_p": ({"temperature": 1, "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
     "empty stop": ({"stop": [""]}, "stop", "at least 1 character"),
     "too many stops": ({"stop": [f"s{i}" for i in range(17)]}, "stop", "at most 16 items"),
     "long stop": ({"stop": "x" * 257}, "stop", "at most 256 characters"),
@@ -155,10 +164,21 @@ BAD_REQUESTS = {
     "huge weight": ({"linalign": {"principle": "p", "weights": [-1e300]}}, "linalign.weights", "greater than or equal"),
     "huge seed": ({"temperature": 1, "seed": 2**63}, "seed", "less than 9223372036854775808"),
     "negative seed": ({"temperature": 1, "seed": -1}, "seed", "greater than or equal to 0"),
-    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, None, "tools is not supported"),
-    "response format": ({"response_format": {"type": "json_object"}}, None, "response_format is not supported"),
-    "top_logprobs alone": ({"top_logprobs": 3}, None, "top_logprobs needs logprobs"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools: tools is not supported"),
+    "tool choice": ({"tool_choice": "auto"}, "tool_choice", "tool_choice is not supported"),
+    "response format": (
+        {"response_format": {"type": "json_object"}},
+        "response_format",
+        "response_format: response_format is not supported",
+    ),
+    "top_logprobs alone": ({"top_logprobs": 3}, "top_logprobs", "top_logprobs: top_logprobs needs logprobs: true"),
     "too many top_logprobs": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+    "logprobs of many long copies": (
+        {"n": 8, "temperature": 1, "logprobs": True, "top_logprobs": 20, "max_tokens": 450},
+        "top_logprobs",
+        "n x max_tokens x top_logprobs = 8 x 450 x 20 = 72000 exceeds",
+    ),
+    "n over a request's share": ({"n": 13, "temperature": 1}, "n", "n must be at most 12"),
 }
 
 
@@ -182,7 +202,15 @@ RAW_BAD = {
     "missing messages": (b'{"model": "tiny"}', "messages: Field required"),
     "non-finite ratio": (
         b'{"messages": [{"role": "user", "content": "hi"}], "linalign": {"principle": "p", "ratio": NaN}}',
-        "linalign.ratio: Input should be",
+        "linalign.ratio: must be a finite number",
+    ),
+    "non-finite temperature": (
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        "temperature: must be a finite number",
+    ),
+    "infinite top_p": (
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1, "top_p": Infinity}',
+        "top_p: must be a finite number",
     ),
     "oversized body": (
         json.dumps({"messages": [{"role": "user", "content": "x" * 70_000}]}).encode(),
@@ -204,6 +232,28 @@ def test_raw_bad_bodies_are_400(client, server, name):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and words in error["message"]
+    assert ask(client, max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+HI = '[{"role": "user", "content": "hi"}]'
+SURROGATES = [  # JSON's escapes can spell a lone surrogate, which no UTF-8 encoder (nor tokenizer) takes
+    ("messages.0.content", '{"messages": [{"role": "user", "content": "a\\ud800"}]}'),
+    ("messages.0.content", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}'),
+    ("messages.0.role", '{"messages": [{"role": "\\ud800", "content": "hi"}]}'),
+    ("linalign.principle", f'{{"messages": {HI}, "linalign": {{"principle": "x\\udc00"}}}}'),
+    ("linalign.principles.1", f'{{"messages": {HI}, "linalign": {{"principles": ["a", "\\ud83d"]}}}}'),
+    ("stop", f'{{"messages": {HI}, "stop": ["\\ud800"]}}'),
+    ("model", f'{{"model": "\\ud800", "messages": {HI}}}'),
+    ("linalign", f'{{"messages": {HI}, "linalign": {{"\\ud800": 1}}}}'),  # a key
+]
+
+
+@pytest.mark.parametrize(("param", "body"), SURROGATES)
+def test_a_lone_surrogate_is_a_400_naming_the_field(client, server, param, body):
+    response = httpx.post(f"{server[0]}/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"].startswith(param)
     assert ask(client, max_tokens=2).choices[0].finish_reason in ("stop", "length")
 
 

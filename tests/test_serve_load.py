@@ -3,6 +3,7 @@ operations (health, metrics, auth before parsing) and logprobs; a real server an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -16,7 +17,9 @@ from openai import OpenAI
 
 from linalign import AlignConfig, Aligner, DecodeConfig
 from linalign.compute import on_compute_thread
+from linalign.errors import LinalignError
 from linalign.serve import create_app
+from linalign.serve.batcher import Batcher, Job
 from linalign.serve.server import serving
 
 PRINCIPLE = "Answer in lowercase letters only."
@@ -227,6 +230,7 @@ def test_logprobs_have_openais_shape_with_the_principled_and_plain_candidates(al
         plain = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=3, logprobs=True)
     content = reply.choices[0].logprobs.content
     assert "".join(c.token for c in content) == reply.choices[0].message.content
+    assert b"".join(bytes(c.bytes) for c in content).decode() == reply.choices[0].message.content
     for item in content:
         assert len(item.top_logprobs) == 3 and item.logprob <= 0
         assert item.top_logprobs[0].logprob >= item.logprob  # the aligned argmax is the greedy choice
@@ -255,3 +259,125 @@ def test_streamed_usage_counts_the_tokens(aligner):
         with httpx.stream("POST", f"{url}/chat/completions", json=body) as response:
             events = [json.loads(x.removeprefix("data: ")) for x in response.iter_lines() if x.startswith("data: {")]
     assert events[-1]["usage"]["completion_tokens"] == 7 or events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_logprob_bytes_are_each_tokens_raw_bytes(aligner, tokenizer):
+    from linalign.serve.app import TokenTexts
+
+    texts = TokenTexts(tokenizer)
+    text = "Hi 😀 café ☃ 漢字"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in texts(t)[0] for t in ids)  # some tokens hold part of a character
+    assert b"".join(bytes(texts(t)[1]) for t in ids).decode() == text
+    eos = tokenizer.eos_token_id
+    assert texts(eos) == (tokenizer.decode([eos]), list(tokenizer.decode([eos]).encode()))
+
+
+def test_a_queued_request_is_a_503_at_once_and_a_running_one_ends_after_the_grace(aligner):
+    app = create_app(aligner, max_batch=1, batch_window=0, shutdown_grace=1.0)
+    with serving(app) as url:
+        batcher, root, replies = app.state.batcher, url.removesuffix("/v1"), {}
+        long = {"messages": QUESTION, "max_tokens": 450, "stream": True}
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{url}/chat/completions", json=long, timeout=60) as response:
+                replies["stream"] = [line for line in response.iter_lines() if line]
+
+        def queued() -> None:
+            replies["queued"] = httpx.post(f"{url}/chat/completions", json={"messages": QUESTION}, timeout=60)
+
+        threads = [threading.Thread(target=stream), threading.Thread(target=queued)]
+        threads[0].start()
+        deadline = time.monotonic() + 30
+        while batcher.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        threads[1].start()
+        while batcher.queued == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        start = time.monotonic()
+        app.state.begin_shutdown()
+        threads[1].join(10)
+        assert replies["queued"].status_code == 503 and time.monotonic() - start < 1.0
+        assert replies["queued"].json()["error"]["code"] == "server_shutting_down"
+        health = httpx.get(f"{root}/health")
+        assert health.status_code == 503 and health.json()["status"] == "shutting_down"
+        refused = httpx.post(f"{url}/chat/completions", json={"messages": QUESTION, "max_tokens": 2})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "takes no new requests" in refused.json()["error"]["message"]
+        threads[0].join(30)
+        ended = time.monotonic() - start
+    assert 1.0 <= ended < 10
+    *_, error, done = replies["stream"]
+    assert done == "data: [DONE]"
+    assert json.loads(error.removeprefix("data: "))["error"]["code"] == "server_shutting_down"
+
+
+def _job(aligner: Aligner, n: int = 1, max_tokens: int = 16, words: int = 3) -> Job:
+    config = DecodeConfig(max_new_tokens=max_tokens, temperature=1.0 if n > 1 else 0.0)
+    prepared = aligner.prepare([{"role": "user", "content": "word " * words}], AlignConfig(method="base"), config)
+    return Job([prepared] * n, asyncio.new_event_loop())
+
+
+def _admitted(batcher: Batcher, *jobs: Job) -> list[Job]:
+    """Queue `jobs`, admit once, and count what was admitted as running (nothing is decoded)."""
+    for job in jobs:
+        batcher.submit(job)
+    admitted = batcher._admit()
+    batcher._running.update(admitted)
+    return admitted
+
+
+def _finish(batcher: Batcher, *jobs: Job) -> None:
+    for job in jobs:
+        batcher._running.discard(job)
+
+
+def test_places_are_kept_for_short_requests_and_n_is_bounded_by_a_share(aligner):
+    batcher = Batcher(aligner, max_batch=8)  # 2 places kept for short requests; 6 for the rest
+    assert (batcher.reserve, batcher.share) == (2, 6)
+    heavy = _job(aligner, n=6, max_tokens=400)
+    assert _admitted(batcher, heavy) == [heavy] and not heavy.short
+    long, short = _job(aligner, max_tokens=300), _job(aligner, max_tokens=16)
+    assert _admitted(batcher, long, short) == [short]  # the long one waits: 6 long places are taken
+    other = _job(aligner, max_tokens=16)
+    assert _admitted(batcher, other) == [other]  # a second short one takes the last kept place
+    assert _admitted(batcher, _job(aligner)) == []  # the batch is full
+    with pytest.raises(LinalignError, match="n must be at most 6"):
+        batcher.submit(_job(aligner, n=7))
+
+
+def test_the_oldest_long_request_holds_the_places_it_waits_for(aligner):
+    batcher = Batcher(aligner, max_batch=8)
+    shorts = [_job(aligner) for _ in range(5)]
+    assert _admitted(batcher, *shorts) == shorts
+    long, later_long, short = _job(aligner, n=4, max_tokens=300), _job(aligner, max_tokens=300), _job(aligner)
+    # 5 + 4 > 8: the long request waits and holds 4 places; the later long one may not pass it, nor may a short
+    # one take the places it holds (the kept ones are taken: 5 short sequences run).
+    assert _admitted(batcher, long, later_long, short) == []
+    _finish(batcher, *shorts[:2])
+    assert _admitted(batcher) == [long, later_long]  # in their order; 3 short + 5 long sequences fill the batch
+    _finish(batcher, shorts[2])
+    assert _admitted(batcher) == [short]
+
+
+def test_a_long_prefill_never_runs_on_two_steps_in_a_row_while_short_prompts_wait(aligner):
+    batcher = Batcher(aligner, max_batch=16, max_prefill_tokens=60)
+    big1, big2 = _job(aligner, words=80), _job(aligner, words=80)
+    assert big1.prefill_tokens > 60
+    assert _admitted(batcher, big1, big2) == [big1]  # one over the budget per step
+    small = _job(aligner)
+    assert _admitted(batcher, small) == [small]  # the step after a long prefill takes the short prompts first
+    assert _admitted(batcher) == [big2]
+
+
+def test_a_fixed_kv_cache_is_shared_by_reservation(aligner):
+    batcher = Batcher(aligner, max_batch=16)
+    batcher._capacity = {0: 600}  # as a llama.cpp cache of 600 cells would be: 450 for requests not short
+    prompt = _job(aligner).prepared[0].prompt_tokens
+    heavy = _job(aligner, n=2, max_tokens=400)
+    assert _admitted(batcher, heavy) == [heavy]
+    assert heavy.max_new_tokens == 225 - prompt  # lowered to fit its share: 2 x (prompt + new) <= 450
+    long, short = _job(aligner, max_tokens=300), _job(aligner, max_tokens=100)
+    assert _admitted(batcher, long, short) == [short]  # the long one would pass 450 cells; the short fits beside
+    _finish(batcher, heavy)
+    assert _admitted(batcher) == [long]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import time
 import uuid
@@ -33,10 +34,18 @@ from linalign.engine import Aligner
 from linalign.errors import LinalignError
 from linalign.prompts import Conversation, to_conversation
 from linalign.resolve import decode_config
-from linalign.serve.batcher import Batcher, Completion, DecodingFailed, Job, QueueFull, RequestTimedOut
+from linalign.serve.batcher import (
+    Batcher,
+    Completion,
+    DecodingFailed,
+    Job,
+    QueueFull,
+    RequestTimedOut,
+    ShuttingDown,
+)
 from linalign.serve.metrics import ServerMetrics
 from linalign.serve.playground import mount_playground
-from linalign.serve.schemas import ChatCompletionRequest
+from linalign.serve.schemas import MAX_LOGPROB_ENTRIES, MAX_STRENGTH, ChatCompletionRequest, LinalignOptions
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -53,16 +62,30 @@ class APIError(Exception):
         return {"message": self.message, "type": kind, "param": self.param, "code": self.code}
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.body()}, status_code=self.status)
+        return _JSON({"error": self.body()}, status_code=self.status)
+
+
+class _JSON(JSONResponse):
+    """A JSON response that survives text no UTF-8 encoder takes (a lone surrogate a client sent, echoed in an
+    error message): such characters leave as `\\udXXXX` escapes instead of failing the response with a 500."""
+
+    def render(self, content: object) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8", "backslashreplace")
 
 
 @contextmanager
-def _invalid(param: str | None) -> Iterator[None]:
-    """Answer the engine's validation errors as a 400 about `param`."""
+def _invalid(param: str | None, fields: tuple[str, ...] = ()) -> Iterator[None]:
+    """Answer the engine's validation errors as a 400 about `param`, or about `param.field` (`field` alone when
+    `param` is None) where the message begins with the name of one of `fields` ("ratio must be >= 0...")."""
     try:
         yield
     except LinalignError as err:
-        raise APIError(400, str(err), param) from err
+        message = str(err)
+        field = next((f for f in fields if re.match(rf"{f}\b", message)), None)
+        if field is not None:
+            param = field if param is None else f"{param}.{field}"
+        raise APIError(400, message, param) from err
 
 
 def _align(
@@ -71,7 +94,7 @@ def _align(
     options = body.linalign
     if options is not None:
         fields = {"ratio": ratio} | options.model_dump(exclude_none=True, exclude={"principle", "principles"})
-        with _invalid("linalign"):
+        with _invalid("linalign", tuple(f for f in LinalignOptions.model_fields if f != "method")):
             return AlignConfig(principles=options.principle_list(), **fields), messages
     if system_as_principle and messages[0]["role"] == "system" and messages[0]["content"].strip():
         return AlignConfig(method="la", principles=[messages[0]["content"]], ratio=ratio), messages[1:]
@@ -79,7 +102,7 @@ def _align(
 
 
 def _decode(body: ChatCompletionRequest, max_new_tokens: int) -> DecodeConfig:
-    with _invalid(None):
+    with _invalid(None, ("temperature", "top_p", "seed", "stop", "top_logprobs")):
         return decode_config(
             max_new_tokens,
             temperature=body.temperature,
@@ -115,10 +138,11 @@ def build_job(
     *,
     system_as_principle: bool,
     ratio: float,
-    max_batch: int,
+    max_sequences: int,
     timeout: float | None = None,
 ) -> Job:
-    """Validate a request completely (the engine's own checks included) and prepare every copy of it."""
+    """Validate a request completely (the engine's own checks included) and prepare every copy of it;
+    `max_sequences` is the most copies (`n`) one request may ask for."""
     with _invalid("messages"):
         messages = to_conversation([m.as_dict() for m in body.messages])
     align, messages = _align(body, messages, system_as_principle, ratio)
@@ -129,13 +153,26 @@ def build_job(
     probe = _decode(body, 1)
     if body.n > 1 and not probe.do_sample:
         raise APIError(400, "n > 1 needs temperature > 0: greedy copies would all be the same", "n")
-    if body.n > max_batch:
-        raise APIError(400, f"n must be at most {max_batch}, the server's batch size", "n")
+    if body.n > max_sequences:
+        raise APIError(
+            400,
+            f"n must be at most {max_sequences}: one request holds at most that many of the server's sequences "
+            "(the rest are kept for short requests)",
+            "n",
+        )
     with _invalid("messages"):  # a prompt too long for the context
         prepared = aligner.prepare(messages, align, probe)
     longest = max(len(ids) for ids in prepared.term_ids)
     requested = body.max_completion_tokens or body.max_tokens
     config = replace(probe, max_new_tokens=_max_tokens(aligner, longest, requested))
+    entries = body.n * config.max_new_tokens * (body.top_logprobs or 0)
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise APIError(
+            400,
+            f"n x max_tokens x top_logprobs = {body.n} x {config.max_new_tokens} x {body.top_logprobs} = {entries} "
+            f"exceeds the server's limit of {MAX_LOGPROB_ENTRIES} log-probability entries; lower one of them",
+            "top_logprobs",
+        )
     seeds = [row_seed(config.seed, c) for c in range(body.n)]
     return Job([replace(prepared, config=config, seed=seed) for seed in seeds], loop, timeout=timeout)
 
@@ -143,6 +180,8 @@ def build_job(
 def _job_error(err: Exception) -> APIError:
     if isinstance(err, RequestTimedOut):
         return APIError(504, f"{err} (--request-timeout)", code="timeout")
+    if isinstance(err, ShuttingDown):
+        return APIError(503, str(err), code="server_shutting_down")
     return APIError(500, f"decoding failed: {err} (the server's log has the traceback)")
 
 
@@ -154,24 +193,70 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _candidates(tokenizer, top: list[tuple[int, float]]) -> list[dict]:
-    return [_token_entry(tokenizer, token, logprob) for token, logprob in top]
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's `bytes_to_unicode`) inverted: the character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
 
 
-def _token_entry(tokenizer, token: int, logprob: float) -> dict:
-    text = tokenizer.decode([token])
-    # Masked tokens have -inf, which JSON cannot carry: OpenAI's floor for "impossible" instead.
-    return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+_BYTE_DECODER = _byte_decoder()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 
-def _logprobs_content(tokenizer, token: int, lp: TopLogprobs) -> dict:
+class TokenTexts:
+    """Each token's text and its raw bytes, as OpenAI's logprobs entries carry them, worked out once per token.
+
+    A token that holds part of a multi-byte character (half an emoji) decodes to the replacement character, so
+    its bytes come from the vocabulary itself: byte-level BPE maps every byte to a character, SentencePiece
+    spells byte tokens `<0xF0>` and spaces `▁`. Concatenating the bytes of a reply's tokens gives its UTF-8 text.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.byte_level = backend is not None and "ByteLevel" in str(backend.decoder)
+        self.special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.get_added_vocab().values())
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        if token not in self._cache:
+            text = self.tokenizer.decode([token])
+            self._cache[token] = (text, list(self._bytes(token, text)))
+        return self._cache[token]
+
+    def _bytes(self, token: int, text: str) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if token in self.special or not isinstance(piece, str):
+            return text.encode()
+        if self.byte_level and all(c in _BYTE_DECODER for c in piece):
+            return bytes(_BYTE_DECODER[c] for c in piece)
+        if match := _BYTE_TOKEN.fullmatch(piece):
+            return bytes([int(match.group(1), 16)])
+        if "\u2581" in piece:  # SentencePiece's word boundary
+            return piece.replace("\u2581", " ").encode()
+        return text.encode()
+
+    def entry(self, token: int, logprob: float) -> dict:
+        text, raw = self(token)
+        # Masked tokens have -inf, which JSON cannot carry: OpenAI's floor for "impossible" instead.
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": raw}
+
+    def candidates(self, top: list[tuple[int, float]]) -> list[dict]:
+        return [self.entry(token, logprob) for token, logprob in top]
+
+
+def _logprobs_content(texts: TokenTexts, token: int, lp: TopLogprobs) -> dict:
     """OpenAI's per-token logprobs entry, with linalign's principled and plain candidates beside it."""
-    entry = _token_entry(tokenizer, token, lp.logprob) | {"top_logprobs": _candidates(tokenizer, lp.aligned)}
+    entry = texts.entry(token, lp.logprob) | {"top_logprobs": texts.candidates(lp.aligned)}
     if lp.principled is not None:
-        entry["linalign"] = {
-            "principled": _candidates(tokenizer, lp.principled),
-            "plain": _candidates(tokenizer, lp.plain or []),
-        }
+        entry["linalign"] = {"principled": texts.candidates(lp.principled), "plain": texts.candidates(lp.plain or [])}
     return entry
 
 
@@ -182,7 +267,7 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     job.cancel()
 
 
-async def _sse(job: Job, head: dict, tokenizer, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(job: Job, head: dict, texts: TokenTexts, include_usage: bool) -> AsyncIterator[bytes]:
     def event(choices: list[dict], **extra) -> bytes:
         return format_sse_event(data_str=json.dumps(head | {"choices": choices} | extra))
 
@@ -196,11 +281,11 @@ async def _sse(job: Job, head: dict, tokenizer, include_usage: bool) -> AsyncIte
                 tokens[c.copy] = c.tokens
                 choice = {"index": c.copy, "delta": {"content": c.text} if c.text else {}}
                 if c.logprobs is not None and c.token is not None:
-                    choice["logprobs"] = {"content": [_logprobs_content(tokenizer, c.token, c.logprobs)]}
+                    choice["logprobs"] = {"content": [_logprobs_content(texts, c.token, c.logprobs)]}
                 yield event([choice | {"finish_reason": c.finish_reason}])
         if include_usage:
             yield event([], usage=_usage(job.prompt_tokens, sum(tokens)))
-    except (DecodingFailed, RequestTimedOut) as err:
+    except (DecodingFailed, RequestTimedOut, ShuttingDown) as err:
         # The status line is long gone; OpenAI's clients raise on an event that carries an error object.
         yield format_sse_event(data_str=json.dumps({"error": _job_error(err).body()}))
     yield format_sse_event(data_str="[DONE]")
@@ -272,13 +357,14 @@ def _install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
             if e["type"] == "json_invalid":
                 problems.append(f"the body is not valid JSON: {e['ctx']['error']} (at character {e['loc'][-1]})")
                 continue
-            param = ".".join(str(p) for p in e["loc"] if p != "body")
+            param = _param(e["loc"])
+            message = "must be a finite number" if e["type"] == "finite_number" else e["msg"]
             if not param:  # e.g. curl's default form encoding: FastAPI parses only JSON bodies as objects
-                problems.append(f"the body must be a JSON object sent as application/json: {e['msg']}")
+                problems.append(f"the body must be a JSON object sent as application/json: {message}")
                 continue
             params.append(param)
-            problems.append(f"{param}: {e['msg']}")
-        return APIError(400, "; ".join(problems), params[0] if params else None).response()
+            problems.append(f"{param}: {message}")
+        return APIError(400, "; ".join(dict.fromkeys(problems)), params[0] if params else None).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
@@ -293,6 +379,24 @@ def _install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     @app.exception_handler(RequestTimedOut)
     async def timed_out(request: Request, err: RequestTimedOut) -> JSONResponse:
         return _job_error(err).response()
+
+    @app.exception_handler(ShuttingDown)
+    async def shutting_down(request: Request, err: ShuttingDown) -> JSONResponse:
+        return _job_error(err).response()
+
+
+_UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _param(loc: tuple) -> str:
+    """A validation error's location as OpenAI names a parameter (`messages.0.content`): without the body and
+    the tags pydantic gives the branches of a union (`constrained-str`, `list[TextPart]`)."""
+    names = [str(p) for p in loc[1 if loc[:1] == ("body",) else 0 :] if isinstance(p, int) or not _union_branch(str(p))]
+    return ".".join(names)
+
+
+def _union_branch(part: str) -> bool:
+    return part in _UNION_BRANCHES or "[" in part or "-" in part
 
 
 def create_app(
@@ -309,7 +413,14 @@ def create_app(
     request_timeout: float | None = None,
     shutdown_grace: float = 10.0,
 ) -> FastAPI:
-    """The app serving `aligner`; `app.state.batcher` is its worker, started and stopped with the app."""
+    """The app serving `aligner`; `app.state.batcher` is its worker, started and stopped with the app.
+
+    `app.state.begin_shutdown()` starts a bounded shutdown (`linalign.serve.server.Server` calls it on the first
+    signal): nothing more is admitted, running requests get `shutdown_grace` seconds to finish, and each one still
+    running then ends with a final error event (streams) or a 503.
+    """
+    if not shutdown_grace >= 0:
+        raise LinalignError(f"shutdown_grace must be >= 0 seconds, got {shutdown_grace}")
     for name, value in (("max_batch", max_batch), ("max_body_bytes", max_body_bytes), ("max_queue", max_queue)):
         if value < 1:
             raise LinalignError(f"{name} must be >= 1, got {value}")
@@ -317,6 +428,8 @@ def create_app(
         raise LinalignError(f"request_timeout must be > 0 seconds, got {request_timeout}")
     with _invalid(None):
         AlignConfig(method="la", principles=["probe"], ratio=ratio)  # a bad --ratio fails at start, not per request
+    if ratio > MAX_STRENGTH:
+        raise LinalignError(f"ratio must be at most {MAX_STRENGTH:g}, as in a request, got {ratio}")
     name = model_name or aligner.main.name
     metrics = ServerMetrics()
     batcher = Batcher(aligner, max_batch=max_batch, window=batch_window, max_queue=max_queue, metrics=metrics)
@@ -329,6 +442,9 @@ def create_app(
 
     app = FastAPI(title="linalign", lifespan=lifespan)
     app.state.batcher = batcher
+    app.state.shutdown_grace = shutdown_grace
+    app.state.begin_shutdown = lambda: batcher.drain(shutdown_grace)
+    texts = TokenTexts(aligner.tokenizer)
     app.add_middleware(_DeclaredBodyLimit, max_body_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(_RequireKey, api_key=api_key)
@@ -338,17 +454,28 @@ def create_app(
     @app.head("/health", include_in_schema=False)
     @app.get("/health")
     async def health() -> JSONResponse:
-        body = {"status": "ok" if batcher.alive else "dead", "model": name}
+        status = "dead" if not batcher.alive else "shutting_down" if batcher.draining else "ok"
+        body = {"status": status, "model": name}
         body |= {"queued": batcher.queued, "running": batcher.running, "batches": len(batcher.batch_sizes)}
-        return JSONResponse(body, status_code=200 if batcher.alive else 503)
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    model = {"id": name, "object": "model", "created": 0, "owned_by": "linalign"}
+
     @v1.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "linalign"}]}
+        return {"object": "list", "data": [model]}
+
+    @v1.get("/models/{model_id:path}")
+    async def one_model(model_id: str) -> dict:
+        if model_id != name:
+            raise APIError(
+                404, f"the model {model_id!r} does not exist; this server has {name!r}", "model", "model_not_found"
+            )
+        return model
 
     @v1.post("/chat/completions", response_model=None, max_body_size=max_body_bytes)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | EventSourceResponse:
@@ -361,13 +488,19 @@ def create_app(
                 asyncio.get_running_loop(),
                 system_as_principle=system_as_principle,
                 ratio=ratio,
-                max_batch=max_batch,
+                max_sequences=batcher.share,
                 timeout=request_timeout,
             )
             batcher.submit(job)
+            job.arm()
         except (APIError, LinalignError) as err:
             metrics.rejected.labels(reason="invalid").inc()
             raise err
+        except ShuttingDown as err:
+            metrics.rejected.labels(reason="shutting_down").inc()
+            refused = _job_error(err).response()
+            refused.headers["Retry-After"] = "1"
+            return refused
         except QueueFull as err:
             metrics.rejected.labels(reason="queue_full").inc()
             retry = APIError(429, f"{err}; retry later", code="queue_full").response()
@@ -377,7 +510,7 @@ def create_app(
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = _sse(job, head | {"object": "chat.completion.chunk"}, aligner.tokenizer, include_usage)
+            chunks = _sse(job, head | {"object": "chat.completion.chunk"}, texts, include_usage)
             # Runs once the stream ends or the client hangs up; a finished job ignores it.
             return EventSourceResponse(chunks, background=BackgroundTask(job.cancel))
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
@@ -385,15 +518,15 @@ def create_app(
             completions = await job.collect()
         finally:
             watcher.cancel()
-        choices = _choices(completions, job.prompt_tokens, aligner.tokenizer)
-        return JSONResponse(head | {"object": "chat.completion"} | choices)
+        choices = _choices(completions, job.prompt_tokens, texts)
+        return _JSON(head | {"object": "chat.completion"} | choices)
 
     app.include_router(v1)
     mount_playground(app)
     return app
 
 
-def _choices(completions: list[Completion], prompt_tokens: int, tokenizer) -> dict:
+def _choices(completions: list[Completion], prompt_tokens: int, texts: TokenTexts) -> dict:
     choices = [
         {
             "index": i,
@@ -401,7 +534,7 @@ def _choices(completions: list[Completion], prompt_tokens: int, tokenizer) -> di
             "finish_reason": c.finish_reason,
             "logprobs": None
             if c.logprobs is None
-            else {"content": [_logprobs_content(tokenizer, t, lp) for t, lp in c.logprobs]},
+            else {"content": [_logprobs_content(texts, t, lp) for t, lp in c.logprobs]},
         }
         for i, c in enumerate(completions)
     ]

@@ -1,11 +1,28 @@
 """Continuous batching: one worker thread owns the model and runs one decode loop for every request.
 
 Requests are queued from the event loop. Between decode steps the worker admits waiting requests (their
-prompts prefilled together, then merged into the running batch) and finished ones leave, so a short request
-never waits for a long one. Every request keeps its own settings (method, principles, strength, sampling,
-seed, stop strings, length) inside the shared batch. Admission is bounded: at most `max_batch` sequences
-decode at once and at most `max_prefill_tokens` prompt tokens are prefilled between two steps, so newcomers
-never stall running streams for long; the queue holds at most `max_queue` requests.
+prompts prefilled together, then merged into the running batch) and finished ones leave. Every request keeps its
+own settings (method, principles, strength, sampling, seed, stop strings, length) inside the shared batch.
+
+Admission keeps a newcomer's time to first token bounded whatever runs already (nothing running is ever paused,
+so room is kept instead):
+
+- A request's `n` copies are `n` sequences of the batch. A *short* request (one sequence, at most
+  `short_tokens` new tokens) may take any of the `max_batch` places; the others together hold at most
+  `share = max_batch - reserve` of them, so `reserve` places are always left to short requests, which each end
+  within `short_tokens` steps. No request may ask for more than `share` sequences.
+- Where a backend's KV cache has a fixed size (llama.cpp), every request reserves the cells its sequences would
+  fill at full length (each context's prompt plus `max_tokens`), so no running sequence is ever cut short by a
+  newcomer; requests other than short ones reserve at most three quarters of the cache together, and one whose
+  full length would not fit that share has its `max_tokens` lowered to fit (it ends with "length").
+- Prompts are prefilled between steps, at most `max_prefill_tokens` tokens of them per step; a request whose
+  prompts alone are longer is prefilled on its own, at most one such per step and not on two steps in a row while
+  smaller ones wait, so a newcomer waits for at most one long prefill.
+- Requests that are not short keep their order among themselves: the oldest one waiting for places holds them
+  as they free up (short ones may still use the reserved places), so a stream of short requests cannot starve it.
+
+On shutdown (`drain`) nothing more is admitted: queued requests end at once, running ones may finish within the
+grace period and are then ended with `ShuttingDown`.
 """
 
 from __future__ import annotations
@@ -16,14 +33,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from linalign.decode import Prepared, TopLogprobs
+from linalign.decode import Prepared, TopLogprobs, kv_cells
 from linalign.engine import Aligner
 from linalign.errors import LinalignError
 from linalign.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
+
+LONG_KV_SHARE = 0.75  # of a fixed-size KV cache, what requests other than short ones may reserve together
 
 
 class DecodingFailed(RuntimeError):
@@ -36,6 +55,10 @@ class RequestTimedOut(RuntimeError):
 
 class QueueFull(RuntimeError):
     """The server's queue is full; the client should retry later."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is shutting down: the request was refused, or did not finish within the grace period."""
 
 
 @dataclass
@@ -69,13 +92,40 @@ class Job:
         self.cancelled = self.timed_out = False
         self.left = self.n
         self.tokens = [0] * self.n
+        self.short = False  # set by the batcher at submission
+        self.cells: dict[int, int] = {}  # KV cells per model one copy fills at full length
         self._loop = loop
         self._events: asyncio.Queue[list[Chunk] | Exception | None] = asyncio.Queue()
+        self._timers: list[asyncio.TimerHandle] = []
+
+    def arm(self) -> None:
+        """On the event loop, once submitted: the deadline holds even while the model is busy (a long prefill), the
+        request answered when it passes whatever the worker is doing."""
+        if self.deadline is not None:
+            self._after(
+                self.deadline - time.monotonic(), RequestTimedOut("the request ran past the server's time limit")
+            )
+
+    def stop_after(self, grace: float) -> None:
+        """Thread-safe: end the request with `ShuttingDown` after `grace` seconds, whatever the worker is doing."""
+        error = ShuttingDown("the server shut down before the request finished (its --shutdown-grace ran out)")
+        self._loop.call_soon_threadsafe(self._after, grace, error)
+
+    def _after(self, seconds: float, error: Exception) -> None:
+        self._timers.append(self._loop.call_later(max(0.0, seconds), self._expire, error))
+
+    def _expire(self, error: Exception) -> None:
+        self.timed_out = True  # the worker drops its rows at the next step and sends it nothing more
+        self._events.put_nowait(error)
 
     @property
     def prompt_tokens(self) -> int:
         """The prompt's tokens as a client counts them (its own, principled context)."""
         return self.prepared[0].prompt_tokens
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.prepared[0].config.max_new_tokens
 
     @property
     def prefill_tokens(self) -> int:
@@ -94,10 +144,14 @@ class Job:
         self._loop.call_soon_threadsafe(self._events.put_nowait, item)
 
     async def events(self) -> AsyncIterator[list[Chunk]]:
-        while (item := await self._events.get()) is not None:
-            if isinstance(item, Exception):
-                raise item
-            yield item
+        try:
+            while (item := await self._events.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            for timer in self._timers:
+                timer.cancel()
 
     async def collect(self) -> list[Completion]:
         completions = [Completion() for _ in range(self.n)]
@@ -122,10 +176,16 @@ class Batcher:
         window: float = 0.02,
         max_queue: int = 256,
         max_prefill_tokens: int = 512,
+        short_tokens: int = 256,
+        reserve: int | None = None,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.aligner, self.max_batch, self.window = aligner, max_batch, window
-        self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
+        self.max_queue, self.max_prefill_tokens, self.short_tokens = max_queue, max_prefill_tokens, short_tokens
+        self.reserve = max_batch // 4 if reserve is None else reserve
+        if not 0 <= self.reserve < max_batch:
+            raise LinalignError(f"reserve must be in [0, max_batch), got {self.reserve} for max_batch {max_batch}")
+        self.share = max_batch - self.reserve  # sequences one request, and all but short ones together, may hold
         self.metrics = metrics or ServerMetrics()
         self.batch_sizes: list[int] = []  # sequences decoding at every step
         self.finished: Counter[str] = Counter()  # finish reasons of every sequence
@@ -134,7 +194,12 @@ class Batcher:
         self._wake = threading.Condition()
         self._closed = False
         self._accepting = True
+        self._drain_at: float | None = None
+        self._big_last = False  # the last step prefilled a request over the prefill budget
         self._decoder = aligner.decoder()
+        self._capacity = {
+            m: b.kv_capacity for m, b in self._decoder.backends.items() if getattr(b, "kv_capacity", None)
+        }
         self._thread = threading.Thread(target=self._work, name="linalign-batcher", daemon=True)
 
     # -- called from the event loop --------------------------------------------------------------------
@@ -147,6 +212,10 @@ class Batcher:
         return self._thread.is_alive() and not self._closed
 
     @property
+    def draining(self) -> bool:
+        return not self._accepting
+
+    @property
     def queued(self) -> int:
         return len(self._pending)
 
@@ -157,7 +226,7 @@ class Batcher:
     def submit(self, job: Job) -> None:
         with self._wake:
             if not self._accepting:
-                raise QueueFull("the server is shutting down")
+                raise ShuttingDown("the server is shutting down and takes no new requests")
             if not self._decoder.fits(job.prepared, alone=True):
                 raise LinalignError(
                     "the request's prompts do not fit the server's KV cache (every context of each of n copies); "
@@ -165,22 +234,59 @@ class Batcher:
                 )
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            self._plan(job)
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
             self._wake.notify()
 
-    def close(self, grace: float = 0.0) -> None:
-        """Stop admitting; let running requests finish for up to `grace` seconds, then cancel them."""
+    def drain(self, grace: float) -> None:
+        """Begin shutting down: admit nothing more, end queued requests now and running ones after `grace`
+        seconds (with `ShuttingDown`); returns at once."""
         with self._wake:
+            if self._drain_at is not None:
+                return
             self._accepting = False
+            self._drain_at = time.monotonic() + max(0.0, grace)
+            for job in self._pending:
+                self._end(job, ShuttingDown("the server shut down before the request started; retry"))
+            self._pending.clear()
+            for job in self._running:
+                job.stop_after(grace)
+            self.metrics.queue_depth.set(0)
             self._wake.notify()
-        deadline = time.monotonic() + grace
-        while self._thread.is_alive() and (self._running or self._pending) and time.monotonic() < deadline:
+        logger.info("shutting down: %d running requests get up to %.1f s to finish", len(self._running), grace)
+
+    def close(self, grace: float = 0.0) -> None:
+        """Drain (see `drain`), wait for the running requests to end, and stop the worker."""
+        self.drain(grace)
+        deadline = (self._drain_at or time.monotonic()) + 5
+        while self._thread.is_alive() and self._running and time.monotonic() < deadline:
             time.sleep(0.02)
         with self._wake:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=5)
+
+    def _plan(self, job: Job) -> None:
+        """Classify `job` and, on a cache of fixed size, fit its full length into its share (holding the lock)."""
+        job.short = job.n == 1 and job.max_new_tokens <= self.short_tokens
+        if job.n > self.share:
+            raise LinalignError(f"n must be at most {self.share}: one request holds at most that many sequences")
+        new = job.max_new_tokens
+        for m, capacity in self._capacity.items():
+            share = capacity if job.short else int(capacity * LONG_KV_SHARE)
+            prompt = kv_cells(job.prepared[0], 0).get(m, 0)
+            per_token = kv_cells(job.prepared[0], 1).get(m, 0) - prompt  # the copy's contexts on model m
+            if per_token:
+                new = min(new, (share // job.n - prompt) // per_token)
+        if new < 1:
+            raise LinalignError(
+                "the request's prompts leave no room in its share of the server's KV cache (every context of each "
+                "of n copies); shorten the conversation or lower n"
+            )
+        if new < job.max_new_tokens:
+            job.prepared = [replace(p, config=replace(p.config, max_new_tokens=new)) for p in job.prepared]
+        job.cells = kv_cells(job.prepared[0])
 
     # -- the worker thread -----------------------------------------------------------------------------
 
@@ -191,35 +297,87 @@ class Batcher:
                     self._wake.wait()
                 if self._closed:
                     break
-                if not self._running and self.window > 0:
+                if not self._running and self.window > 0 and self._drain_at is None:
                     # Requests sent together arrive a few milliseconds apart: a moment's wait lets them share
                     # one prefill.
                     self._wake.wait(self.window)
-                newcomers = self._admit()
+                newcomers = self._admit() if self._drain_at is None else []
+                past_grace = self._drain_at is not None and time.monotonic() >= self._drain_at
             try:
+                if past_grace:
+                    self._fail_all(
+                        ShuttingDown("the server shut down before the request finished (its --shutdown-grace ran out)")
+                    )
+                    continue
                 self._step(newcomers)
             except Exception as err:  # the worker must outlive any one failure
                 logger.exception("decoding failed with %d sequences", len(self._decoder))
                 self._fail_all(DecodingFailed(f"{type(err).__name__}: {err}"))
-        self._fail_all(DecodingFailed("the server is shutting down"), pending=True)
+        self._fail_all(ShuttingDown("the server is shutting down"), pending=True)
 
     def _admit(self) -> list[Job]:
-        """Take waiting requests while the batch and the step's prefill budget have room (holding the lock)."""
-        now, jobs, rows, tokens = time.monotonic(), [], len(self._decoder), 0
+        """The waiting requests to prefill before the next step (holding the lock); see the module docstring."""
+        now = time.monotonic()
         for job in list(self._pending):
             if job.cancelled or job.expired(now):
                 self._pending.remove(job)
                 self._end(job, RequestTimedOut("the request timed out in the queue") if job.expired(now) else None)
+        if not self._decoder.can_add:
+            return []
+        rows = sum(j.left for j in self._running)
+        short_rows = sum(j.left for j in self._running if j.short)
+        cells = {m: sum(j.cells.get(m, 0) * j.left for j in self._running) for m in self._capacity}
+        short_cells = {m: sum(j.cells.get(m, 0) * j.left for j in self._running if j.short) for m in self._capacity}
+        held_rows, held_cells = 0, dict.fromkeys(self._capacity, 0)  # what the oldest waiting long request needs
+        # One request over the prefill budget per step, and not on two steps in a row while smaller ones wait.
+        big = [j for j in self._pending if j.prefill_tokens > self.max_prefill_tokens]
+        small_waiting = len(big) < len(self._pending)
+        allowed = big[0] if big and (not self._big_last or not small_waiting) else None
+        jobs: list[Job] = []
+        tokens, took_big = 0, False
+        for job in list(self._pending):
+            over = job.prefill_tokens > self.max_prefill_tokens
+            if over and job is not allowed:
                 continue
-            if not self._decoder.can_add and (self._running or jobs):
-                break
-            if rows + job.n > self.max_batch or (jobs and tokens + job.prefill_tokens > self.max_prefill_tokens):
-                break
+            if not over and tokens + job.prefill_tokens > self.max_prefill_tokens:
+                continue
+            need = {m: job.cells.get(m, 0) * job.n for m in self._capacity}
+            if job.short:
+                # Into places and cells a waiting long request is not holding, or into those kept for short ones.
+                rows_ok = rows + job.n + held_rows <= self.max_batch or (
+                    rows + job.n <= self.max_batch and short_rows + job.n <= self.reserve
+                )
+                cells_ok = all(
+                    cells[m] + need[m] + held_cells[m] <= c
+                    or (cells[m] + need[m] <= c and short_cells[m] + need[m] <= c - int(c * LONG_KV_SHARE))
+                    for m, c in self._capacity.items()
+                )
+            else:
+                rows_ok = not held_rows and rows + job.n <= self.max_batch and rows - short_rows + job.n <= self.share
+                cells_ok = all(
+                    cells[m] + need[m] <= c and cells[m] - short_cells[m] + need[m] <= int(c * LONG_KV_SHARE)
+                    for m, c in self._capacity.items()
+                )
+            if not (rows_ok and cells_ok):
+                if not job.short and not held_rows:
+                    held_rows, held_cells = job.n, need
+                continue
             if not self._decoder.fits([p for j in (*jobs, job) for p in j.prepared]):
-                break  # it waits for running sequences to free KV cells
+                continue  # the cells of sequences just finished are not free yet
             self._pending.remove(job)
             jobs.append(job)
-            rows, tokens = rows + job.n, tokens + job.prefill_tokens
+            rows += job.n
+            if over:
+                took_big = True
+            else:
+                tokens += job.prefill_tokens
+            for m in self._capacity:
+                cells[m] += need[m]
+            if job.short:
+                short_rows += job.n
+                for m in self._capacity:
+                    short_cells[m] += need[m]
+        self._big_last = took_big
         self.metrics.queue_depth.set(len(self._pending))
         return jobs
 

@@ -1,4 +1,5 @@
-"""`linalign serve-bench`: throughput and latency of the server under 1, 4 and 8 concurrent clients.
+"""`linalign serve-bench`: throughput and latency of the server under 1, 4 and 8 concurrent clients (or the
+mixed load, the soak, the heavy mixes and the shutdown of `linalign.serve.load`).
 
 The server runs in-process on a free port; every client is a thread with the official `openai` client
 sending a fixed number of greedy Linear Alignment requests with a fixed max_tokens, one after the other.
@@ -108,12 +109,18 @@ def run_serve_bench(
 
 
 def run_mixed(
-    model: str, dtype: str, device: str, ratio: float, soak_seconds: float | None, backend: str = "auto"
+    model: str,
+    dtype: str,
+    device: str,
+    ratio: float,
+    soak_seconds: float | None,
+    backend: str = "auto",
+    heavy: bool = False,
 ) -> dict:
-    """The mixed load and head-of-line case (or the soak) against one in-process server."""
+    """The mixed load and head-of-line case (or the soak, or the heavy mixes) against one in-process server."""
     from linalign.engine import Aligner
     from linalign.serve.app import create_app
-    from linalign.serve.load import head_of_line, mixed_load, soak
+    from linalign.serve.load import head_of_line, heavy_mixes, mixed_load, soak
     from linalign.serve.server import serving
 
     aligner = Aligner(model, dtype=dtype, device=device, backend=backend)
@@ -127,6 +134,8 @@ def run_mixed(
     with serving(app) as base_url:
         if soak_seconds:
             report["soak"] = soak(base_url, soak_seconds)
+        elif heavy:
+            report["heavy"] = heavy_mixes(base_url, aligner.main.context_length or 2048)
         else:
             report["mixed"] = mixed_load(base_url)
             report["head_of_line"] = head_of_line(base_url)
@@ -150,13 +159,40 @@ def serve_bench(
     soak: Annotated[
         float | None, typer.Option(help="Seconds of mixed load with malformed and cost-attack requests.")
     ] = None,
+    heavy: Annotated[
+        bool,
+        typer.Option(
+            "--heavy",
+            help="A 16-token request's time to first token beside heavy requests (n, logprobs, long prompts).",
+        ),
+    ] = False,
+    shutdown: Annotated[
+        bool, typer.Option("--shutdown", help="Seconds a `linalign serve` process takes to exit after SIGTERM.")
+    ] = False,
 ) -> None:
     """Requests/s, tokens/s and latency of `linalign serve` with 1, 4 and 8 concurrent clients (or a mixed load,
-    or a soak)."""
+    a soak, heavy mixes or the shutdown time)."""
     console = Console()
-    if mixed or soak:
+    if shutdown:
+        import socket
+        import sys
+
+        from linalign.serve.load import shutdown_time
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-c", "from linalign.cli import app; app()", "serve", "--model", model]
+        command += ["--backend", backend, "--dtype", dtype, "--device", device, "--port", str(port)]
+        with console.status("timing a shutdown with 4 long streams running", spinner="dots"):
+            report = {"model": model, "backend": backend, "shutdown": shutdown_time(command, port)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        console.print_json(data=report)
+        return
+    if mixed or soak or heavy:
         with console.status("benchmarking the server under a mixed load", spinner="dots"):
-            report = run_mixed(model, dtype, device, ratio, soak, backend)
+            report = run_mixed(model, dtype, device, ratio, soak, backend, heavy)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         console.print_json(data=report)

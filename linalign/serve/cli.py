@@ -45,6 +45,13 @@ def serve(
     request_timeout: Annotated[
         float | None, typer.Option(help="Seconds a request may take in all (queue + decoding); none by default.")
     ] = None,
+    shutdown_grace: Annotated[
+        float,
+        typer.Option(
+            help="On SIGTERM/SIGINT, seconds running requests get to finish before they end with an error (a "
+            "second signal exits at once)."
+        ),
+    ] = 10.0,
     ray: Annotated[bool, typer.Option("--ray", help="Serve from replicas on a local Ray cluster.")] = False,
     ray_address: Annotated[str | None, typer.Option(help="Replicas on the Ray cluster at HOST:PORT.")] = None,
     replicas: Annotated[int, typer.Option(help="Ray Serve replicas, each its own model and batcher.")] = 1,
@@ -52,10 +59,9 @@ def serve(
     gpus_per_replica: Annotated[float, typer.Option(help="GPUs a Ray replica reserves.")] = 0.0,
 ) -> None:
     """Serve OpenAI's chat completions API; a 'linalign' object in the body chooses method and principle."""
-    import uvicorn
-
     from linalign.engine import Aligner
     from linalign.serve.app import create_app
+    from linalign.serve.server import Server
 
     console = Console(stderr=True)
     if ray or ray_address is not None:
@@ -88,7 +94,8 @@ def serve(
         model_name=model_name,
         max_queue=max_queue,
         request_timeout=request_timeout,
+        shutdown_grace=shutdown_grace,
     )
     guard = " (API key required)" if api_key else ""
     console.print(f"serving {aligner.main.name} at http://{host}:{port}/v1{guard}")
-    uvicorn.run(app, host=host, port=port)
+    Server(app, host=host, port=port).run()

@@ -8,7 +8,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+
+def _encodable(text: str) -> str:
+    """Text the tokenizer can take: JSON's `\\ud800` escapes can smuggle in a lone surrogate, which no UTF-8
+    encoder accepts."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as err:
+        raise PydanticCustomError(
+            "unicode_surrogate",
+            "must be valid Unicode text: it holds a lone surrogate ({char}) at character {at}",
+            {"char": f"\\u{ord(text[err.start]):04x}", "at": err.start},
+        ) from None
+    return text
 
 
 def _not_blank(text: str) -> str:
@@ -23,9 +38,18 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_STRENGTH = 100.0
 MAX_AMULET_ITERATIONS = 1000
+MAX_TOP_LOGPROBS = 20
+# n x max_tokens x top_logprobs at most: each alternative is an entry of the response (three per token for
+# methods with a principled and a plain context), so this bounds what a request can make the server write.
+MAX_LOGPROB_ENTRIES = 1 << 16
 
-Principle = Annotated[str, AfterValidator(_not_blank)]
-Strength = Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH)]
+Text = Annotated[str, AfterValidator(_encodable)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Principle = Annotated[str, AfterValidator(_encodable), AfterValidator(_not_blank)]
+Strength = Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)]
+# Linear Alignment's step size: r >= 0 as in the paper (r = 0 is plain principle prompting); to push away from a
+# principle, give it a negative weight.
+Ratio = Annotated[float, Field(ge=0, le=MAX_STRENGTH, allow_inf_nan=False)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
@@ -39,6 +63,14 @@ class Message(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _encodable_content(cls, content: str | list[TextPart]) -> str | list[TextPart]:
+        # Checked here, not on each branch of the union, so that the error names the content itself.
+        for text in [content] if isinstance(content, str) else [p.text for p in content]:
+            _encodable(text)
+        return content
 
     def as_dict(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
@@ -57,18 +89,18 @@ class LinalignOptions(BaseModel):
     principle: Principle | None = None
     principles: list[Principle] | None = Field(None, max_length=MAX_PRINCIPLES)
     weights: list[Strength] | None = Field(None, max_length=MAX_PRINCIPLES)
-    ratio: Strength | None = None
+    ratio: Ratio | None = None
     lam: Strength | None = None
-    plausibility_top_p: float | None = None
+    plausibility_top_p: Finite | None = None
     amulet_iterations: int | None = Field(None, ge=0, le=MAX_AMULET_ITERATIONS)
-    amulet_eta: float | None = None
-    amulet_alpha: float | None = None
-    amulet_lambda: float | None = None
+    amulet_eta: Finite | None = None
+    amulet_alpha: Finite | None = None
+    amulet_lambda: Finite | None = None
     # Linear Alignment's quality options (docs/quality.md); AlignConfig checks them.
-    kl_budget: float | None = None
+    kl_budget: Finite | None = None
     repeat_guard: int | None = Field(None, ge=0, le=16)
     mask: Literal["top_p", "min_p", "intersect"] | None = None
-    plausibility_min_p: float | None = None
+    plausibility_min_p: Finite | None = None
     # The soft loop penalty (DRY; any method); AlignConfig checks the values.
     dry_multiplier: float | None = None
     dry_base: float | None = None
@@ -92,30 +124,34 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """The subset of OpenAI's chat completion request that local decoding can honour; other fields are ignored."""
 
-    model: str | None = None
+    model: Text | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=MAX_STRENGTH)
-    top_p: float | None = None
+    temperature: float | None = Field(None, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
+    top_p: Finite | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    # Accepted by the schema only to be refused with a clear message rather than silently ignored.
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Accepted by the schema only to be refused with a clear message naming the field, not silently ignored.
     tools: list | None = None
     tool_choice: str | dict | None = None
     response_format: dict | None = None
     linalign: LinalignOptions | None = None
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> ChatCompletionRequest:
-        for name in ("tools", "tool_choice", "response_format"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"{name} is not supported by this server")
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
-        return self
+    @field_validator("tools", "tool_choice", "response_format")
+    @classmethod
+    def _unsupported(cls, value: object, info: ValidationInfo) -> None:
+        if value is not None:
+            raise PydanticCustomError("unsupported", f"{info.field_name} is not supported by this server")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError("needs_logprobs", "top_logprobs needs logprobs: true")
+        return value
