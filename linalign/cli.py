@@ -15,6 +15,7 @@ from rich.table import Table
 from linalign.errors import LinalignError
 from linalign.kernels import describe
 from linalign.options import (
+    RAY_TAKES_NO_ADDRESS,
     AmuletAlphaOpt,
     AmuletEtaOpt,
     AmuletItersOpt,
@@ -154,7 +155,8 @@ def generate(
         from linalign.jobs import JobSettings, generate_job
 
         if prompts or messages is not None:
-            raise LinalignError("give questions, --messages or --input, one of them")
+            hint = f" ({RAY_TAKES_NO_ADDRESS})" if ray and prompts else ""  # `--ray HOST:PORT` read as a question
+            raise LinalignError("give questions, --messages or --input, one of them" + hint)
         la_options = {} if kl_budget is None and mask == "top_p" else {"kl_budget": kl_budget, "mask": mask}
         settings = JobSettings(
             input=str(input_path.resolve()),

@@ -8,8 +8,8 @@ processes: a pair's two contexts always decode in one engine, in lock-step.
   (`linalign.jobs.plan`), Ray Data takes the planned batches (one row each), `map_batches` runs them on a pool
   of actors that each hold one `Aligner`, loaded once, and the driver writes each batch's records as it
   arrives, so the resume rule of the local job holds whoever dies.
-- Serving (`linalign serve --ray`): the existing OpenAI-compatible app as a Ray Serve deployment; each replica
-  has its own model and continuous batcher.
+- Evaluations (`linalign eval --ray`): the same with a pool of actors that generate and score.
+- Serving (`linalign serve --ray`): `linalign.serve.replicas`, on the cluster this module starts or joins.
 
 A local cluster started here runs on a loopback address with no dashboard, and Ray's usage statistics are off
 unless the environment turns them on. On Linux that address is 127.0.0.2: Ray replaces 127.0.0.1 given as a
@@ -257,67 +257,3 @@ def ray_evaluator(placement: RayPlacement, model: dict, reward_model: str | None
             yield json.loads(result)
 
     return execute
-
-
-class ServeReplica:
-    """One Ray Serve replica: its own `Aligner` and the whole OpenAI-compatible app (with its own continuous
-    batcher), built once the model is loaded. Responses carry `x-linalign-replica` (this replica's process id)."""
-
-    def __init__(self, model: dict, app: dict, threads: int) -> None:
-        self.aligner = capped_aligner(threads, **model)
-        self.options = app
-
-    def __serve_build_asgi_app__(self):
-        from linalign.serve.app import create_app
-
-        return _tagged(create_app(self.aligner, **self.options), str(os.getpid()).encode())
-
-
-def _tagged(app, replica: bytes):
-    """The ASGI `app` with a response header naming the replica that answered."""
-
-    async def tagged(scope, receive, send):
-        async def send_tagged(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"x-linalign-replica", replica)]}
-            await send(message)
-
-        await app(scope, receive, send_tagged if scope["type"] == "http" else send)
-
-    return tagged
-
-
-def serve_on_ray(
-    placement: RayPlacement, model: dict, app: dict, host: str, port: int, ready: Callable[[str], Any] = print
-) -> None:
-    """`linalign serve --ray`: `placement.replicas` replicas of the app behind Ray Serve's HTTP proxy at
-    host:port, until interrupted; then the deployment and a cluster started here stop."""
-    if placement.gpus_per_replica > 0 and model.get("device", "cpu") == "cpu":
-        raise LinalignError("--gpus-per-replica needs a GPU device: add --device cuda")
-    with ray_cluster(placement.address) as ray:
-        from ray import serve
-
-        check_capacity(ray, placement)
-        options = {"num_cpus": placement.cpus_per_replica, "num_gpus": placement.gpus_per_replica}
-        deployment = serve.deployment(
-            serve.ingress()(ServeReplica), name="linalign", num_replicas=placement.replicas, ray_actor_options=options
-        )
-        serve.start(http_options={"host": host, "port": port})
-        try:
-            serve.run(deployment.bind(model, app, placement.threads), name="linalign", route_prefix="/")
-            guard = " (API key required)" if app.get("api_key") else ""
-            ready(f"serving {model['model']} at http://{host}:{port}/v1 on {placement.replicas} Ray replicas{guard}")
-            wait_for_signal()
-        finally:
-            serve.shutdown()
-
-
-def wait_for_signal() -> None:
-    """Wait until interrupted (Ctrl-C or SIGTERM)."""
-    import signal
-    import threading
-
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()

@@ -91,6 +91,9 @@ def print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
 
 
+RAY_TAKES_NO_ADDRESS = "--ray takes no address: it starts a local Ray cluster, and --ray-address HOST:PORT joins one"
+
+
 class OneLineErrors(TyperGroup):
     """Usage errors (an unknown option, a value of the wrong type) reported as every other error is:
     'error: …' in one line naming the command's --help, exit code 2."""
@@ -105,6 +108,8 @@ class OneLineErrors(TyperGroup):
                 sys.exit(err.exit_code)
             context = getattr(err, "ctx", None)
             hint = f" (see '{context.command_path} --help')" if context is not None else ""
+            if context is not None and context.params.get("ray") is True and "unexpected extra" in str(err):
+                hint = f"; {RAY_TAKES_NO_ADDRESS}"  # `--ray HOST:PORT`: typer has no option with an optional value
             print_error(err.format_message() + hint)
             sys.exit(err.exit_code)
         except click_errors.Abort:

@@ -210,6 +210,13 @@ def test_the_command_line_runs_a_job_and_refuses_what_does_not_fit(tiny, tmp_pat
     assert missing.exit_code == 2 and "does not exist" in " ".join(missing.output.split())
 
 
+@pytest.mark.parametrize("command", [["serve"], ["eval"], ["generate", "--input", "in.jsonl", "--output", "o.jsonl"]])
+def test_ray_with_an_address_points_to_ray_address(command):
+    """`--ray HOST:PORT` is refused before anything starts, with the option that takes the address."""
+    result = CliRunner().invoke(app, [*command, "--ray", "10.0.0.5:6379", "--replicas", "2"])
+    assert result.exit_code == 2 and "--ray-address HOST:PORT joins one" in " ".join(result.output.split())
+
+
 def test_the_local_executor_loads_the_model_only_for_work(tiny, tmp_path):
     settings = settings_for(tiny, tmp_path / "in.jsonl", model=str(tmp_path / "no-such-model"))
     assert list(local_executor(settings)([])) == []  # nothing to do: nothing loaded

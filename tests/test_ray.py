@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -207,6 +208,14 @@ def test_bad_placements_fail_in_seconds_with_one_sentence(tiny, tmp_path, cluste
         result = CliRunner().invoke(app, [*args, "--ray-address", address, *extra])
         flat = " ".join(result.output.split())
         assert result.exit_code == 2 and message in flat and "Traceback" not in flat, (extra, result.output)
+    for extra, message in [
+        (["--replicas", "2", "--max-replicas", "1"], "--max-replicas must be at least --replicas (2), got 1"),
+        (["--shutdown-grace", "-1"], "shutdown_grace must be >= 0 seconds"),
+        (["--replicas", "3"], "3 replicas of 1 CPUs and 0 GPUs each do not fit the cluster: it has room for 2"),
+    ]:
+        result = CliRunner().invoke(app, ["serve", "--model", tiny.name, "--ray-address", address, *extra])
+        flat = " ".join(result.output.split())
+        assert result.exit_code == 2 and message in flat and "Traceback" not in flat, (extra, result.output)
 
 
 def test_serving_replicas_answer_the_openai_client_like_one_server(tiny, cluster):
@@ -223,12 +232,7 @@ def test_serving_replicas_answer_the_openai_client_like_one_server(tiny, cluster
         ["serve", "--model", tiny.name, "--ray-address", address, "--replicas", "2", "--port", str(port)]
     )
     try:
-        deadline = time.monotonic() + 240
-        for line in server.stdout:  # its log, until the replicas are up
-            if "serving" in line:
-                break
-            assert time.monotonic() < deadline, "the replicas did not come up in time"
-        assert server.poll() is None
+        wait_for_line(server, "serving")
         request = {
             "model": tiny.name,
             "messages": [{"role": "user", "content": "Name a colour."}],
@@ -253,14 +257,90 @@ def test_serving_replicas_answer_the_openai_client_like_one_server(tiny, cluster
         with ThreadPoolExecutor(8) as pool:  # concurrent requests: Ray Serve's router spreads them over both
             answered_by = set(pool.map(replica_of_a_reply, range(16)))
         assert len(answered_by) == 2
+        # /metrics is per replica: each scrape reports the counters of the replica that answered it
+        accepted = {}
+        for _ in range(40):
+            scrape = httpx.get(f"{url.removesuffix('/v1')}/metrics", timeout=30)
+            accepted[scrape.headers["x-linalign-replica"]] = metric(scrape.text, "linalign_requests_total")
+            if len(accepted) == 2:
+                break
+        assert len(accepted) == 2 and min(accepted.values()) > 0 and sum(accepted.values()) == 18
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        stop(server, signal.SIGTERM)
     assert server.returncode == 0
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample in Prometheus' text format."""
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def wait_for_line(process: subprocess.Popen, text: str, limit: float = 240) -> None:
+    """Read the process's log until a line holds `text` (the replicas are up: 'serving')."""
+    deadline = time.monotonic() + limit
+    for line in process.stdout:
+        if text in line:
+            return
+        assert time.monotonic() < deadline, f"no {text!r} in time"
+    raise AssertionError(f"the process ended before {text!r}")
+
+
+def stop(process: subprocess.Popen, sig: int, limit: float = 90) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        process.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+        raise
+
+
+def test_sigterm_ends_every_replicas_streams_after_the_grace_and_exits(cluster):
+    """The built-in model, so that the streams run for many seconds on any CPU: the first SIGTERM reaches the
+    app in both replicas, which end their streams with a final error event at the grace."""
+    import httpx
+
+    address, _ = cluster
+    grace, port = 1.0, free_port()
+    args = ["serve", "--ray-address", address, "--replicas", "2", "--port", str(port), "--shutdown-grace", str(grace)]
+    server = start_job(args)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1000, "stream": True}
+    started = threading.Barrier(5, timeout=120)
+    streams: dict[int, tuple[str, list[str]]] = {}
+
+    def stream(i: int) -> None:
+        lines: list[str] = []
+        with httpx.stream("POST", url, json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    if len(lines) == 2:  # the role, then the first token
+                        started.wait()
+        streams[i] = (response.headers["x-linalign-replica"], lines)
+
+    try:
+        wait_for_line(server, "serving")
+        with ThreadPoolExecutor(4) as pool:
+            running = [pool.submit(stream, i) for i in range(4)]
+            started.wait()  # every stream has its first token
+            start = time.monotonic()
+            server.send_signal(signal.SIGTERM)
+            for future in running:
+                future.result(timeout=60)
+        ended = time.monotonic() - start
+        server.wait(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        stop(server, signal.SIGKILL)
+    assert grace <= ended < grace + 10, ended
+    assert took < grace + 30 and server.returncode == 0, (took, server.returncode)
+    assert len({replica for replica, _ in streams.values()}) == 2  # the streams ran on both replicas
+    for _, lines in streams.values():
+        *_, error, done = lines
+        assert done == "data: [DONE]"
+        assert json.loads(error.removeprefix("data: "))["error"]["code"] == "server_shutting_down"
 
 
 def test_eval_on_replicas_gives_the_local_summary(tiny, tmp_path, cluster):
@@ -275,3 +355,32 @@ def test_eval_on_replicas_gives_the_local_summary(tiny, tmp_path, cluster):
     assert summaries[0] == summaries[1] and len(summaries[0]["runs"]) == 3
     records = [sorted((tmp_path / d / "generations.jsonl").read_text().splitlines()) for d in ("local", "ray")]
     assert records[0] == records[1] and len(records[0]) == 18  # 2 principles x 3 questions x 3 runs
+
+
+def test_autoscaling_starts_with_the_least_replicas_and_adds_one_under_load(tiny, cluster):
+    """--replicas 1 --max-replicas 2 with batches of one request: eight clients at a time hold more than a batch
+    on the one replica, so Ray Serve's autoscaler adds the second (after its upscale delay, 30 s by default)."""
+    import httpx
+
+    address, _ = cluster
+    port = free_port()
+    args = ["serve", "--model", tiny.name, "--ray-address", address, "--port", str(port), "--max-batch", "1"]
+    server = start_job([*args, "--replicas", "1", "--max-replicas", "2"])
+    body = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 64}
+
+    def replica_of_a_reply(_: int) -> str:
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        return reply.headers["x-linalign-replica"]
+
+    try:
+        wait_for_line(server, "serving")
+        waves = []
+        deadline = time.monotonic() + 300
+        with ThreadPoolExecutor(8) as pool:
+            while len(set().union(*waves)) < 2 and time.monotonic() < deadline:
+                waves.append(set(pool.map(replica_of_a_reply, range(8))))
+    finally:
+        stop(server, signal.SIGTERM)
+    assert len(waves[0]) == 1  # one replica to start with
+    assert len(set().union(*waves)) == 2, f"no second replica after {len(waves)} waves"

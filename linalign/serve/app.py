@@ -399,6 +399,30 @@ def _union_branch(part: str) -> bool:
     return part in _UNION_BRANCHES or "[" in part or "-" in part
 
 
+def check_options(
+    *,
+    ratio: float,
+    max_batch: int,
+    max_body_bytes: int,
+    max_queue: int,
+    request_timeout: float | None,
+    shutdown_grace: float,
+    **_others: object,
+) -> None:
+    """Refuse the server options `create_app` cannot serve with (where they start: before any model loads)."""
+    if not shutdown_grace >= 0:
+        raise LinalignError(f"shutdown_grace must be >= 0 seconds, got {shutdown_grace}")
+    for name, value in (("max_batch", max_batch), ("max_body_bytes", max_body_bytes), ("max_queue", max_queue)):
+        if value < 1:
+            raise LinalignError(f"{name} must be >= 1, got {value}")
+    if request_timeout is not None and not request_timeout > 0:
+        raise LinalignError(f"request_timeout must be > 0 seconds, got {request_timeout}")
+    with _invalid(None):
+        AlignConfig(method="la", principles=["probe"], ratio=ratio)  # a bad --ratio fails at start, not per request
+    if ratio > MAX_STRENGTH:
+        raise LinalignError(f"ratio must be at most {MAX_STRENGTH:g}, as in a request, got {ratio}")
+
+
 def create_app(
     aligner: Aligner,
     *,
@@ -419,17 +443,14 @@ def create_app(
     signal): nothing more is admitted, running requests get `shutdown_grace` seconds to finish, and each one still
     running then ends with a final error event (streams) or a 503.
     """
-    if not shutdown_grace >= 0:
-        raise LinalignError(f"shutdown_grace must be >= 0 seconds, got {shutdown_grace}")
-    for name, value in (("max_batch", max_batch), ("max_body_bytes", max_body_bytes), ("max_queue", max_queue)):
-        if value < 1:
-            raise LinalignError(f"{name} must be >= 1, got {value}")
-    if request_timeout is not None and not request_timeout > 0:
-        raise LinalignError(f"request_timeout must be > 0 seconds, got {request_timeout}")
-    with _invalid(None):
-        AlignConfig(method="la", principles=["probe"], ratio=ratio)  # a bad --ratio fails at start, not per request
-    if ratio > MAX_STRENGTH:
-        raise LinalignError(f"ratio must be at most {MAX_STRENGTH:g}, as in a request, got {ratio}")
+    check_options(
+        ratio=ratio,
+        max_batch=max_batch,
+        max_body_bytes=max_body_bytes,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+        shutdown_grace=shutdown_grace,
+    )
     name = model_name or aligner.main.name
     metrics = ServerMetrics()
     batcher = Batcher(aligner, max_batch=max_batch, window=batch_window, max_queue=max_queue, metrics=metrics)

@@ -52,9 +52,17 @@ def serve(
             "second signal exits at once)."
         ),
     ] = 10.0,
-    ray: Annotated[bool, typer.Option("--ray", help="Serve from replicas on a local Ray cluster.")] = False,
-    ray_address: Annotated[str | None, typer.Option(help="Replicas on the Ray cluster at HOST:PORT.")] = None,
-    replicas: Annotated[int, typer.Option(help="Ray Serve replicas, each its own model and batcher.")] = 1,
+    ray: Annotated[
+        bool,
+        typer.Option("--ray", help="Serve from replicas on a local Ray cluster (no value: see --ray-address)."),
+    ] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Replicas on the running Ray cluster at HOST:PORT.")] = None,
+    replicas: Annotated[
+        int, typer.Option(help="Ray Serve replicas, each its own model and batcher (the least, with --max-replicas).")
+    ] = 1,
+    max_replicas: Annotated[
+        int | None, typer.Option(help="Let Ray Serve add replicas under load, up to this many.")
+    ] = None,
     cpus_per_replica: Annotated[float, typer.Option(help="CPUs a Ray replica reserves (its threads).")] = 1.0,
     gpus_per_replica: Annotated[float, typer.Option(help="GPUs a Ray replica reserves.")] = 0.0,
 ) -> None:
@@ -65,7 +73,8 @@ def serve(
 
     console = Console(stderr=True)
     if ray or ray_address is not None:
-        from linalign.distributed import RayPlacement, serve_on_ray
+        from linalign.distributed import RayPlacement
+        from linalign.serve.replicas import serve_on_ray
 
         serve_on_ray(
             RayPlacement(ray_address, replicas, cpus_per_replica, gpus_per_replica),
@@ -73,14 +82,15 @@ def serve(
             | {"compile": compile},
             {"api_key": api_key, "system_as_principle": system_as_principle, "ratio": ratio, "max_batch": max_batch}
             | {"batch_window": batch_window_ms / 1000, "max_body_bytes": max_body_bytes, "model_name": model_name}
-            | {"max_queue": max_queue, "request_timeout": request_timeout},
+            | {"max_queue": max_queue, "request_timeout": request_timeout, "shutdown_grace": shutdown_grace},
             host,
             port,
-            ready=console.print,
+            max_replicas=max_replicas,
+            say=console.print,
         )
         return
-    if (replicas, cpus_per_replica, gpus_per_replica) != (1, 1.0, 0.0):
-        raise LinalignError("--replicas and --cpus/--gpus-per-replica place Ray replicas: add --ray")
+    if (replicas, max_replicas, cpus_per_replica, gpus_per_replica) != (1, None, 1.0, 0.0):
+        raise LinalignError("--replicas, --max-replicas and --cpus/--gpus-per-replica place Ray replicas: add --ray")
     with console.status(f"loading {model}", spinner="dots"):
         aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device, backend=backend, compile=compile)
     app = create_app(

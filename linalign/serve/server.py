@@ -24,7 +24,7 @@ logger = logging.getLogger("uvicorn.error")  # uvicorn's own log, which `linalig
 
 # After the grace period, how long uvicorn waits for connections to close before cancelling their tasks (a client
 # that stopped reading can hold a response open).
-_CLOSE_MARGIN = 5.0
+CLOSE_MARGIN = 5.0
 
 
 class Server(uvicorn.Server):
@@ -34,7 +34,7 @@ class Server(uvicorn.Server):
     def __init__(self, app: FastAPI, **config) -> None:
         grace = getattr(app.state, "shutdown_grace", None)
         if grace is not None:
-            config.setdefault("timeout_graceful_shutdown", grace + _CLOSE_MARGIN)
+            config.setdefault("timeout_graceful_shutdown", grace + CLOSE_MARGIN)
         super().__init__(uvicorn.Config(app, **config))
         self.app = app
 
