@@ -151,3 +151,27 @@ def test_the_server_answers_alike_alone_and_among_sixteen_mixed_requests(llama):
             futures += [pool.submit(ask, client, *r[:3], **r[3]) for r in mix[7:]]
             busy = [f.result() for f in futures[7:9]]
     assert busy == alone
+
+
+def test_a_batch_job_resumed_into_other_batches_writes_what_one_run_writes(llama, tmp_path):
+    """A rerun plans the records left into new batches, beside other companions: on the default backend their
+    text is that of the uninterrupted run, byte for byte (so a resumed job, or one on Ray, equals one run)."""
+    from linalign.jobs import JobSettings, run_batch, run_job
+
+    source = tmp_path / "in.jsonl"
+    rows = [{"id": i, "prompt": QUESTIONS[i % 4], "principle": f"Principle {i % 3}: be brief."} for i in range(5)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = JobSettings(input=str(source), backend="llamacpp", methods=["la"], decode={"max_new_tokens": 24})
+
+    def executor(stop_after: int | None = None):
+        return lambda batches: (run_batch(llama, settings, b) for b in batches[:stop_after])
+
+    def job(out: Path, batch_size: int, stop_after: int | None = None) -> None:
+        run_job(settings, out, executor(stop_after), batch_size=batch_size, report=print, show_progress=False)
+
+    job(tmp_path / "one.jsonl", batch_size=3)  # batches 0-2 and 3-4
+    resumed = tmp_path / "resumed.jsonl"
+    job(resumed, batch_size=2, stop_after=1)  # interrupted after 0-1
+    job(resumed, batch_size=3)  # then 2-4
+    assert len(resumed.read_text().splitlines()) == 5
+    assert sorted(resumed.read_text().splitlines()) == sorted((tmp_path / "one.jsonl").read_text().splitlines())
