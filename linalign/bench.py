@@ -38,9 +38,10 @@ from linalign.backends.transformers import TransformersBackend, left_padded
 from linalign.compute import on_compute_thread
 from linalign.config import AlignConfig, DecodeConfig
 from linalign.engine import Aligner
+from linalign.methods import make_plan
 from linalign.models import LoadedModel, load_model, pick_backend, resolve
 from linalign.prompts import build_ids
-from linalign.step import aligned_scores
+from linalign.step import Chain, Row, Step, term_weights
 
 CPU = torch.device("cpu")
 PRINCIPLE = "Answer in lowercase letters only. Never use capital letters."
@@ -107,11 +108,18 @@ class _PeakMemory:
 
 
 def _two_pass(model, principled, plain, ratio: float, steps: int, pad_id: int) -> None:
-    """The reference code's structure: two contexts, two cached forward passes per token."""
+    """The reference code's structure: two contexts, two cached forward passes per token, the same chain."""
     contexts = [TransformersBackend(model, pad_id), TransformersBackend(model, pad_id)]
     logits = [c.add(ids) for c, ids in zip(contexts, (principled, plain), strict=True)]
+    plan = make_plan(AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio))
+    chain = Chain(device=logits[0].device)
+    chain.join([Row(plan, DecodeConfig()) for _ in principled])
+    weights = term_weights(plan, len(principled), chain.device)
     for _ in range(steps):
-        tokens = aligned_scores(logits, (1 + ratio, -ratio), anchor=0, top_p=0.8).argmax(-1)
+        step = Step(chain, [(x, None, None, w) for x, w in zip(logits, weights, strict=False)], logits[0].float())
+        chain.scores(step)
+        tokens = chain.choose(step)
+        chain.accept(tokens.tolist())
         logits = [c.step(tokens) for c in contexts]
 
 

@@ -6,8 +6,8 @@ rows already there, so the row order is sequence by sequence, in the order seque
 
     rows of model m = [seq0 ctx0, seq0 ctx1, seq1 ctx0, seq1 ctx1, seq2 ctx0, ...]
 
-A `Decoder` step (1) combines each sequence's rows into its scores, applies its processors, mask and warpers
-and chooses its token (`linalign.step`), (2) turns tokens into text and finds who finished (EOS, a stop
+A `Decoder` step (1) runs the sampler chain (`linalign.step`): it combines each sequence's rows into its
+scores, shapes them and chooses its token, (2) turns tokens into text and finds who finished (EOS, a stop
 string, its length, cancelled), (3) drops finished sequences' rows, and (4) runs one forward pass per model
 for the rows left, so every sequence's next logits are ready. Sequences may join between steps (`add`); no
 forward pass runs once nobody is left.
@@ -19,23 +19,13 @@ from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from linalign.backends import Backend
 from linalign.compute import on_compute_thread
 from linalign.config import DecodeConfig
 from linalign.methods import Plan
-from linalign.step import (
-    LoopPenalty,
-    RepeatGuard,
-    breaker_tokens,
-    choose,
-    logits_processors,
-    masked_scores,
-    penalise_loops,
-    sampling_warpers,
-    shaped_scores,
-)
+from linalign.step import Chain, Row, Step
 from linalign.text import TextStream
 
 
@@ -81,8 +71,7 @@ class _Sequence:
     key: Hashable
     prepared: Prepared
     text: TextStream
-    history: list[int]  # the anchor context's prompt and the tokens chosen so far
-    generator: torch.Generator | None
+    sampler: Row  # what the sampler chain reads and records of this sequence
     weights: dict[int, list[tuple[int, float]]]  # model -> (context index, weight) of every term on it
     anchor: tuple[int, int]  # (model, context index) of the anchor term
     plain: tuple[int, int] | None
@@ -90,10 +79,6 @@ class _Sequence:
     new_tokens: int = 0
     cancelled: bool = False
     done: bool = False  # finished, its rows kept only because a backend cannot drop rows
-    guard: RepeatGuard | None = None  # the reply's n-grams, where the plan has a repeat guard
-    loops: LoopPenalty | None = None  # the reply's repeats, where the plan has a loop penalty
-    processors: LogitsProcessorList = field(default_factory=LogitsProcessorList)  # built once: they keep no state
-    warpers: LogitsProcessorList = field(default_factory=LogitsProcessorList)
 
     @property
     def config(self) -> DecodeConfig:
@@ -101,10 +86,6 @@ class _Sequence:
 
     def row(self, where: tuple[int, int]) -> int:
         return self.first[where[0]] + where[1]
-
-    def history_ids(self, device: torch.device) -> torch.Tensor:
-        """`[1, length]` token ids, as `transformers`' processors read them."""
-        return torch.tensor([self.history], dtype=torch.long, device=device)
 
 
 def _contexts(prepared: Prepared) -> tuple[dict[int, list[list[int]]], dict[int, list[tuple[int, float]]], list]:
@@ -142,7 +123,7 @@ class Decoder:
         self.backends, self.tokenizer = backends, tokenizer
         self.eos_ids = list(eos_ids)
         self.device = torch.device(device)
-        self._eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
+        self.chain = Chain(eos_ids=self.eos_ids, tokenizer=tokenizer, device=self.device)  # one row a sequence
         self.sequences: list[_Sequence] = []  # in row order
         self.rows: dict[int, int] = dict.fromkeys(backends, 0)  # rows held per model
         self.logits: dict[int, torch.Tensor] = {}  # per model: next-token logits of every row
@@ -186,32 +167,24 @@ class Decoder:
                 key=key,
                 prepared=prepared,
                 text=TextStream(self.tokenizer, prepared.config.stop),
-                history=list(prepared.term_ids[prepared.plan.anchor]),
-                generator=self._generator(prepared),
+                sampler=Row(
+                    prepared.plan, prepared.config, prepared.term_ids[prepared.plan.anchor], self._generator(prepared)
+                ),
                 weights=weights,
                 anchor=where[prepared.plan.anchor],
                 plain=where[plain] if plain is not None else None,
-                guard=RepeatGuard(prepared.plan.repeat_guard) if prepared.plan.repeat_guard else None,
-                loops=self._loop_penalty(prepared.plan),
-                processors=logits_processors(prepared.config),
-                warpers=sampling_warpers(prepared.config),
             )
             for m, model_contexts in contexts.items():
                 seq.first[m] = self.rows[m] + len(prompts[m])
                 prompts[m].extend(model_contexts)
             self.sequences.append(seq)
+            self.chain.join([seq.sampler])
         for m, rows in prompts.items():
             if rows:
                 new = self.backends[m].add(rows).to(self.device)
                 self.logits[m] = torch.cat([self.logits[m], new]) if self.rows[m] else new
                 self.rows[m] += len(rows)
         self._reindex()
-
-    def _loop_penalty(self, plan: Plan) -> LoopPenalty | None:
-        if not plan.dry_multiplier:
-            return None
-        breakers = breaker_tokens(self.tokenizer, plan.dry_breakers)
-        return LoopPenalty(plan.dry_multiplier, plan.dry_base, plan.dry_allowed_length, *breakers)
 
     def _generator(self, prepared: Prepared) -> torch.Generator | None:
         if not prepared.config.do_sample or prepared.seed is None:
@@ -279,15 +252,6 @@ class Decoder:
                     torch.tensor(weights, dtype=torch.float32, device=self.device)[:, None],
                 )
 
-    def _combined(self) -> torch.Tensor:
-        """`sum_k w_k l_k` for every sequence at once, in float32."""
-        vocab = next(iter(self.logits.values())).shape[-1]
-        combined = torch.zeros((len(self.sequences), vocab), dtype=torch.float32, device=self.device)
-        for m, (rows, seqs, weights) in self._terms.items():
-            # index_select and an in-place product: advanced indexing and a new tensor cost 3x as much here
-            combined.index_add_(0, seqs, self.logits[m].index_select(0, rows).float().mul_(weights))
-        return combined
-
     def _context_logits(self, where: Sequence[tuple[int, int] | None]) -> torch.Tensor:
         """`[sequences, V]` logits of one context per sequence, given as (model, context index)."""
         vocab = next(iter(self.logits.values())).shape[-1]
@@ -308,55 +272,18 @@ class Decoder:
         return out if out is not None else torch.zeros((len(self.sequences), vocab), device=self.device)
 
     def _choose(self) -> tuple[torch.Tensor, list[TopLogprobs | None]]:
-        scores = self._combined()
+        """Run the sampler chain (`linalign.step`) over every sequence: its token and, where asked, logprobs."""
         anchor = self._context_logits([s.anchor for s in self.sequences])
-        for i, s in enumerate(self.sequences):
-            if s.processors:  # on the sequence's own, unpadded history
-                history = s.history_ids(self.device)
-                scores[i : i + 1] = s.processors(history, scores[i : i + 1])
-                anchor[i : i + 1] = s.processors(history, anchor[i : i + 1].clone())
-        self._hold_eos(scores, anchor)
-        if any(s.loops is not None for s in self.sequences):  # once, before the mask is taken (as DRY precedes top-p)
-            penalise_loops((scores, anchor), [s.loops.penalties() if s.loops else {} for s in self.sequences])
-        temperature = [s.config.mask_temperature for s in self.sequences]
-        plans = [s.prepared.plan for s in self.sequences]
-        if any(p.shaped for p in plans):
-            scores = self._shaped(scores, anchor, plans, temperature)
-        else:
-            top_p = [p.mask_top_p or 0.0 for p in plans]
-            scores = masked_scores(scores, anchor, top_p if any(top_p) else None, temperature)
-        aligned = scores.clone() if any(s.config.logprobs is not None for s in self.sequences) else None
-        for i, s in enumerate(self.sequences):
-            if s.warpers:  # they read no history
-                scores[i : i + 1] = s.warpers(None, scores[i : i + 1])
-        chosen = choose(scores, [s.config.do_sample for s in self.sequences], [s.generator for s in self.sequences])
-        for s, token in zip(self.sequences, chosen.tolist(), strict=True):
-            s.history.append(token)
-            if s.guard is not None:
-                s.guard.push(token)
-            if s.loops is not None:
-                s.loops.push(token)
-        if aligned is None:
+        intersect = self.chain.where("intersect", lambda r: r.plan.mask_kind == "intersect" and bool(r.plan.mask_top_p))
+        terms = [(self.logits[m], rows, seqs, weights) for m, (rows, seqs, weights) in self._terms.items()]
+        plain = self._context_logits([s.plain for s in self.sequences]) if intersect else None
+        step = Step(self.chain, terms, anchor, plain)
+        aligned = self.chain.scores(step)
+        chosen = self.chain.choose(step)
+        self.chain.accept(chosen.tolist())
+        if not any(s.config.logprobs is not None for s in self.sequences):
             return chosen, [None] * len(self.sequences)
         return chosen, self._logprobs(aligned, anchor, chosen)
-
-    def _hold_eos(self, *logits: torch.Tensor) -> None:
-        """End-of-sequence tokens out of reach of the sequences still short of their `min_new_tokens`."""
-        early = [i for i, s in enumerate(self.sequences) if s.new_tokens < s.config.min_new_tokens]
-        if not early or not self.eos_ids:
-            return
-        rows = slice(None) if len(early) == len(self.sequences) else torch.tensor(early, device=self.device)[:, None]
-        for x in logits:
-            x[rows, self._eos] = float("-inf")
-
-    def _shaped(
-        self, scores: torch.Tensor, anchor: torch.Tensor, plans: list[Plan], temperature: list[float]
-    ) -> torch.Tensor:
-        """The step under the plans' quality options (`linalign.step.shaped_scores`)."""
-        intersect = any(p.mask_kind == "intersect" and p.mask_top_p for p in plans)
-        plain = self._context_logits([s.plain for s in self.sequences]) if intersect else None
-        banned = [s.guard.banned() if s.guard is not None else set() for s in self.sequences]
-        return shaped_scores(scores, anchor, plain, plans, temperature, banned)
 
     def _logprobs(self, aligned: torch.Tensor, anchor: torch.Tensor, chosen: torch.Tensor) -> list[TopLogprobs | None]:
         """The chosen token's log-probability and the top alternatives under the aligned, principled and plain
@@ -423,6 +350,7 @@ class Decoder:
         if self._last is not None:
             self._last = self._last[indices]
         self.sequences = remaining
+        self.chain.keep(indices)
         self._reindex()
 
     @staticmethod

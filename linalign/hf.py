@@ -24,11 +24,10 @@ import torch
 from transformers import LogitsProcessor, PreTrainedModel
 
 from linalign.backends.transformers import TransformersBackend
-from linalign.combine import linear_combination
-from linalign.config import AlignConfig
+from linalign.config import AlignConfig, DecodeConfig
 from linalign.errors import LinalignError
 from linalign.methods import make_plan
-from linalign.step import RepeatGuard, aligned_scores, shaped_scores
+from linalign.step import Chain, Row, Step, term_weights
 
 # generate applies these to the principled logits before any user processor; the plain ones would miss them.
 _PRE_PROCESSING = ("repetition_penalty", "no_repeat_ngram_size", "encoder_repetition_penalty", "bad_words_ids")
@@ -68,11 +67,10 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
                 )
         self.model = model
         self.plain = plain_ids.tolist() if isinstance(plain_ids, torch.Tensor) else [list(r) for r in plain_ids]
-        self.weights = (1.0 + config.ratio, -config.ratio)
-        self.top_p = config.plausibility_top_p if config.mask_enabled else None
         self.plan = make_plan(config)
-        self._guards: list[RepeatGuard] = []
         self.temperature = float(temperature)
+        self._chain = Chain()
+        self._weights: list[torch.Tensor] = []
         self.pad_token_id = pad_token_id if pad_token_id is not None else (defaults.pad_token_id or 0)
         self._backend: TransformersBackend | None = None
         self._length = -1
@@ -86,17 +84,16 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
         if self._backend is None or input_ids.shape[1] != self._length + 1:  # a new generate call
             self._backend = TransformersBackend(self.model, self.pad_token_id)
             plain_logits = self._backend.add(self.plain)
-            self._guards = [RepeatGuard(self.plan.repeat_guard) for _ in self.plain] if self.plan.repeat_guard else []
+            # generate applies its own processors, warpers and choice: the chain's stages before sampling's run
+            # here, on rows whose decoding settings leave the others neutral
+            self._chain = Chain(device=scores.device)
+            self._chain.join([Row(self.plan, DecodeConfig(), temperature=self.temperature) for _ in self.plain])
+            self._weights = term_weights(self.plan, len(self.plain), scores.device)
         else:
             plain_logits = self._backend.step(input_ids[:, -1])
-            if self._guards:
-                for guard, token in zip(self._guards, input_ids[:, -1].tolist(), strict=True):
-                    guard.push(token)
+            self._chain.accept(input_ids[:, -1].tolist())
         self._length = input_ids.shape[1]
-        terms = [scores.float(), plain_logits.to(scores.device).float()]
-        if not self.plan.shaped:
-            return aligned_scores(terms, self.weights, anchor=0, top_p=self.top_p, temperature=self.temperature)
-        combined = linear_combination(terms, self.weights)
-        rows = len(self.plain)
-        banned = [g.banned() for g in self._guards] or [set()] * rows
-        return shaped_scores(combined, terms[0], terms[1], [self.plan] * rows, [self.temperature] * rows, banned)
+        principled, plain = scores.float(), plain_logits.to(scores.device).float()
+        # the plan's terms: the principled context, then the plain one (none at ratio 0)
+        terms = [(logits, None, None, w) for logits, w in zip((principled, plain), self._weights, strict=False)]
+        return self._chain.scores(Step(self._chain, terms, anchor=principled, plain=plain))
