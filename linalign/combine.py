@@ -1,25 +1,15 @@
-"""Where logits are combined: weighted sums of (model, context) terms and the plausibility mask.
+"""The plausibility masks and the trust region on next-token logits (the sampler chain's stages call them).
 
 Every method is a weighted sum of next-token logits whose weights add up to one, so combining raw
 logits or log-probabilities gives the same distribution; raw logits keep `r = 0` identical to plain
-decoding even under logits processors such as the repetition penalty.
+decoding even under logits processors such as the repetition penalty (`linalign.step.Combine` sums them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 _NUCLEUS_GUESS = 256
-
-
-def linear_combination(term_logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """`sum_k w_k * l_k` in float32; with weights `(1 + r, -r)` this is `l_p + r (l_p - l_0)`."""
-    combined = torch.zeros_like(term_logits[0], dtype=torch.float32)
-    for logits, weight in zip(term_logits, weights, strict=True):
-        combined.add_(logits.float(), alpha=weight)
-    return combined
 
 
 def _per_row(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:

@@ -42,17 +42,8 @@ class Plan:
     dry_breakers: tuple[str, ...] = ()
 
     @property
-    def shaped(self) -> bool:
-        """Whether any quality option acts on this plan's step."""
-        return self.mask_kind != "top_p" or self.kl_budget is not None or self.repeat_guard > 0
-
-    @property
     def models(self) -> tuple[int, ...]:
         return tuple(sorted({t.model for t in self.terms}))
-
-    @property
-    def weights(self) -> tuple[float, ...]:
-        return tuple(t.weight for t in self.terms)
 
     @property
     def plain(self) -> int | None:
