@@ -171,28 +171,45 @@ def _best_seconds(aligner: Aligner, prompts: list[str], align: AlignConfig, new_
     return min(_timed(lambda: aligner.generate(prompts, align, config), CPU) for _ in range(2))
 
 
-def invariance_cost(llama: Aligner, batches: tuple[int, ...], new_tokens: int, ratio: float) -> list[dict]:
-    """What batch invariance costs on llama.cpp: Linear Alignment's prefill and decode tokens/s with the default
-    (invariant) 32-token passes against llama.cpp's usual 512-token passes, per batch size (best of two runs).
-    Prefill counts the prompt tokens of both contexts; decode, the new tokens after the first."""
-    from linalign.backends.llamacpp import LlamaCppModel
-
-    runner = llama.main.runner
-    fast = LlamaCppModel(runner.path, threads=runner.threads, ubatch=512)
-    aligners = {"32": llama, "512": Aligner(replace(llama.main, runner=fast))}
+def invariance_cost(
+    invariant: Aligner, stock: Aligner, batches: tuple[int, ...], new_tokens: int, ratio: float
+) -> list[dict]:
+    """What batch invariance costs: Linear Alignment's prefill and decode tokens/s with the batch-invariant
+    configuration against the stock one, per batch size (best of two runs). Prefill counts the prompt tokens of
+    both contexts; decode, the new tokens after the first."""
     align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio)
     rows = []
     for batch in batches:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-        prompt_tokens = sum(len(ids) for p in llama.prepare_batch(prompts, align) for ids in p.term_ids)
+        prompt_tokens = sum(len(ids) for p in invariant.prepare_batch(prompts, align) for ids in p.term_ids)
         row = {"batch": batch}
-        for passes, aligner in aligners.items():
+        for kind, aligner in (("invariant", invariant), ("stock", stock)):
             first, full = (_best_seconds(aligner, prompts, align, n) for n in (1, new_tokens))
-            row[f"prefill_tokens_per_s_{passes}"] = round(prompt_tokens / first, 1)
-            row[f"decode_tokens_per_s_{passes}"] = round(batch * (new_tokens - 1) / max(full - first, 1e-9), 1)
+            row[f"prefill_tokens_per_s_{kind}"] = round(prompt_tokens / first, 1)
+            row[f"decode_tokens_per_s_{kind}"] = round(batch * (new_tokens - 1) / max(full - first, 1e-9), 1)
         rows.append(row)
-    fast.close()
     return rows
+
+
+def llama_invariance_cost(llama: Aligner, batches: tuple[int, ...], new_tokens: int, ratio: float) -> list[dict]:
+    """llama.cpp: the default 32-token passes (batch-invariant) against llama.cpp's usual 512-token passes."""
+    from linalign.backends.llamacpp import LlamaCppModel
+
+    runner = llama.main.runner
+    fast = LlamaCppModel(runner.path, threads=runner.threads, ubatch=512)
+    try:
+        return invariance_cost(llama, Aligner(replace(llama.main, runner=fast)), batches, new_tokens, ratio)
+    finally:
+        fast.close()
+
+
+def transformers_invariance_cost(
+    loaded: LoadedModel, batches: tuple[int, ...], new_tokens: int, ratio: float
+) -> list[dict]:
+    """transformers: rows prefilled alone, chunked products and row-by-row attention in steps (the CPU default)
+    against one padded batch."""
+    invariant, stock = (Aligner(replace(loaded, batch_invariant=on)) for on in (True, False))
+    return invariance_cost(invariant, stock, batches, new_tokens, ratio)
 
 
 def _llama_runs(
@@ -315,7 +332,9 @@ def run_benchmark(
         m.speed_vs_generate = m.tokens_per_s / floor.tokens_per_s
         m.memory_vs_generate = m.peak_mb / floor.peak_mb
     step_ms = {rows: round(llama_step_ms(llama, rows), 2) for rows in (1, 2)} if llama is not None else None
-    invariance = invariance_cost(llama, batches, new_tokens, ratio) if llama is not None else None
+    invariance = {"transformers": transformers_invariance_cost(loaded, batches, new_tokens, ratio)}
+    if llama is not None:
+        invariance["llamacpp"] = llama_invariance_cost(llama, batches, new_tokens, ratio)
     return {
         "model": loaded.name,
         "weights": "random" if loaded.random_weights else "pretrained",
@@ -328,7 +347,7 @@ def run_benchmark(
         "model_load_seconds": round(load_seconds, 2),
         "llamacpp_load_seconds": llama_seconds,
         "llamacpp_step_ms": step_ms,  # one decode step of 1 and of 2 rows: Linear Alignment's bound is the ratio
-        "llamacpp_invariance": invariance,  # 32-token passes (the default, batch-invariant) vs 512-token passes
+        "invariance": invariance,  # per backend: the batch-invariant configuration vs the stock one
         "compile_seconds": compile_seconds,  # first run of each compiled method: compilation and one decode
         "results": [asdict(m) for m in results],
     }

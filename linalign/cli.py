@@ -376,15 +376,18 @@ def bench(
             f"llama.cpp decode step: 1 row {one:.1f} ms, 2 rows {two:.1f} ms: on these weights Linear Alignment "
             f"(2 rows a sequence) can reach at most {one / two:.2f}x llama.cpp's plain decoding at batch 1"
         )
-    for row in report["llamacpp_invariance"] or []:
-        console.print(
-            f"batch invariance on llama.cpp, batch {row['batch']}: prefill {row['prefill_tokens_per_s_32']:.0f} "
-            f"tokens/s with 32-token passes vs {row['prefill_tokens_per_s_512']:.0f} with 512 "
-            f"({row['prefill_tokens_per_s_32'] / row['prefill_tokens_per_s_512']:.2f}x), decode "
-            f"{row['decode_tokens_per_s_32']:.1f} vs {row['decode_tokens_per_s_512']:.1f} tokens/s "
-            f"({row['decode_tokens_per_s_32'] / row['decode_tokens_per_s_512']:.2f}x)",
-            soft_wrap=True,
-        )
+    for backend, rows in report["invariance"].items():
+        for row in rows:
+            prefill, decode = (
+                row[f"{k}_tokens_per_s_invariant"] / row[f"{k}_tokens_per_s_stock"] for k in ("prefill", "decode")
+            )
+            console.print(
+                f"batch invariance on {backend}, batch {row['batch']}: prefill "
+                f"{row['prefill_tokens_per_s_invariant']:.0f} vs {row['prefill_tokens_per_s_stock']:.0f} tokens/s "
+                f"stock ({prefill:.2f}x), decode "
+                f"{row['decode_tokens_per_s_invariant']:.1f} vs {row['decode_tokens_per_s_stock']:.1f} ({decode:.2f}x)",
+                soft_wrap=True,
+            )
     console.print(f"model load: {report['model_load_seconds']} s; report written to {out}", soft_wrap=True)
 
 

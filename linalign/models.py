@@ -47,6 +47,9 @@ class LoadedModel:
     # The llama.cpp model when the llama.cpp backend runs it (then `model` is None until `scoring_model()`).
     runner: LlamaCppModel | None = field(default=None, repr=False)
     source: str | None = None  # what was loaded, for loading the transformers form later
+    # transformers backend on CPU: a row's logits independent of its batch (docs/performance.md); False trades it
+    # for the price measured there. llama.cpp's rows are batch-invariant always; GPU kernels are not.
+    batch_invariant: bool = True
 
     @property
     def backend(self) -> str:
@@ -100,7 +103,7 @@ class LoadedModel:
             if self.compiled is None:
                 self.compiled = CompiledModel(self.model, self.tokenizer.pad_token_id)
             return CompiledBackend(self.compiled, capacity)
-        return TransformersBackend(self.model, self.tokenizer.pad_token_id)
+        return TransformersBackend(self.model, self.tokenizer.pad_token_id, self.batch_invariant)
 
 
 def builtin_gguf() -> Path:

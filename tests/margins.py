@@ -22,14 +22,3 @@ def assert_close_and_same_where_decided(reference: torch.Tensor, other: torch.Te
     assert difference <= tolerance, f"logits differ by {difference:.3g}, more than {tolerance}"
     keep = decided(reference, tolerance)
     assert torch.equal(reference.argmax(-1)[keep], other.argmax(-1)[keep])
-
-
-def same_tokens_until_undecided(reference: list[int], margins: list[float], other: list[int], tolerance: float) -> bool:
-    """Whether `other` follows `reference` at least up to the first token whose top-2 margin (in the reference's
-    run) is within `2 * tolerance`, after which the two may part legitimately."""
-    for step, (token, margin) in enumerate(zip(reference, margins, strict=False)):
-        if step >= len(other) or other[step] != token:
-            return False
-        if margin <= 2 * tolerance:
-            return True
-    return len(other) == len(reference)

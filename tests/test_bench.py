@@ -21,6 +21,10 @@ def test_options_are_priced_as_rows_of_their_own():
     assert set(rows) == {"generate", "linalign", "linalign-options"}
     assert all(r["tokens_per_s"] > 0 and r["batch"] == 2 for r in rows.values())
     assert report["options"] == {"repeat_guard": 4, "mask": "min_p"}
+    (row,) = report["invariance"]["transformers"]  # the batch-invariant configuration priced against the stock one
+    assert row["batch"] == 2 and all(
+        row[f"{k}_tokens_per_s_{c}"] > 0 for k in ("prefill", "decode") for c in ("invariant", "stock")
+    )
 
 
 def test_bad_options_are_refused_before_anything_loads():

@@ -1,6 +1,6 @@
 """Batch invariance: a request's tokens depend on the request alone — not on its companions in a call, on what
-joins or leaves the batch while it decodes, or on the server's load. Every comparison here runs one kernel on one
-machine, so it is exact (bit for bit where logits are compared)."""
+joins or leaves the batch while it decodes, or on the server's load — on both backends on CPU. Every comparison
+here runs one kernel on one machine, so it is exact (bit for bit where logits are compared)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from margins import same_tokens_until_undecided
 
 from linalign import AlignConfig, Aligner, DecodeConfig
 from linalign.prompts import build_ids
@@ -45,45 +43,47 @@ def model() -> LlamaCppModel:
     return LlamaCppModel(builtin_gguf())  # the defaults under test
 
 
+@pytest.fixture(scope="module")
+def transformers(smollm2) -> Aligner:
+    return Aligner(smollm2)  # the built-in model's weights on the transformers backend, batch-invariant on CPU
+
+
+@pytest.mark.parametrize("backend", ["llama", "transformers"])
 @pytest.mark.parametrize("config", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
-def test_the_first_prompt_decodes_alike_alone_and_with_companions(llama, config):
+def test_the_first_prompt_decodes_alike_alone_and_with_companions(request, backend, config):
+    aligner = request.getfixturevalue(backend)
     align = AlignConfig(method="la", principles=[PRINCIPLE])
-    alone = llama.generate(QUESTIONS[:1], align, config)[0]
+    alone = aligner.generate(QUESTIONS[:1], align, config)[0]
     for companions in (1, 3):
-        together = llama.generate(QUESTIONS[: 1 + companions], align, config)[0]
+        together = aligner.generate(QUESTIONS[: 1 + companions], align, config)[0]
         assert together.token_ids == alone.token_ids, (companions, alone.text, together.text)
 
 
-def first_tokens_and_margins(aligner: Aligner, questions: list[str]) -> tuple[list[int], list[float]]:
-    """Greedy tokens of the first question and, per token, the top-2 margin of its aligned logits."""
-    prepared = aligner.prepare_batch(
-        questions, AlignConfig(method="la", principles=[PRINCIPLE]), replace(GREEDY, logprobs=2)
-    )
-    tokens, margins = [], []
-    for events in aligner.decode(prepared):
-        for e in events:
-            if e.key == 0 and e.token is not None:
-                (_, first), (_, second) = e.logprobs.aligned
-                tokens.append(e.token)
-                margins.append(first - second)
-    return tokens, margins
+def test_transformers_rows_that_join_and_leave_leave_a_row_bit_for_bit_alone(smollm2, tokenizer):
+    """Prefilled beside another row, then rows join and leave (left padding comes and goes): the first row's
+    logits at every step are those of the row decoded alone (stock batching moves them by ~4e-5)."""
+    ids = [build_ids(tokenizer, q, PRINCIPLE) for q in QUESTIONS]
+    tokens = [int(t) for t in torch.randint(100, 40000, (20,), generator=torch.Generator().manual_seed(0))]
+    solo = smollm2.open()
+    expected = [solo.add([ids[0]])[0]] + [solo.step(torch.tensor([t]))[0] for t in tokens]
+    busy = smollm2.open()
+    got = [busy.add([ids[0], ids[2]])[0]]
+    for step, token in enumerate(tokens):
+        if step % 6 == 2:  # two rows join, one longer than the first
+            busy.add([ids[1], ids[2]])
+        if step % 6 == 4:  # every row but the first leaves
+            busy.keep(torch.tensor([0]))
+        got.append(busy.step(torch.tensor([token] * busy.rows))[0])
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
-def test_transformers_on_cpu_moves_with_its_companions_only_within_float_noise(smollm2):
-    """The `transformers` backend is not batch-invariant (BLAS and attention kernels are chosen by shape): a
-    row's logits move by ~4e-5 with its companions, so tokens agree up to the first near-tie."""
-    aligner = Aligner(smollm2)
-    alone, margins = first_tokens_and_margins(aligner, QUESTIONS[:1])
-    for companions in (1, 3):
-        together, _ = first_tokens_and_margins(aligner, QUESTIONS[: 1 + companions])
-        assert same_tokens_until_undecided(alone, margins, together, tolerance=1e-3)
-
-
-def test_the_command_line_answers_alike_alone_and_with_companions():
+@pytest.mark.parametrize("backend", ["llamacpp", "transformers"])
+def test_the_command_line_answers_alike_alone_and_with_companions(backend):
     cli = Path(sys.executable).with_name("linalign")
     answers = []
     for questions in (QUESTIONS[:1], QUESTIONS[:2], QUESTIONS):
-        command = [cli, "generate", *questions, "-p", PRINCIPLE, "--method", "la", "--max-new-tokens", "24", "--json"]
+        command = [cli, "generate", *questions, "-p", PRINCIPLE, "--method", "la", "--max-new-tokens", "24"]
+        command += ["--backend", backend, "--json"]
         lines = subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()
         answers.append(json.loads(lines[0])["text"])
     assert answers[1] == answers[0] and answers[2] == answers[0]

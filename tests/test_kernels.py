@@ -1,4 +1,5 @@
-"""The transposed few-row product: the numbers of `x @ W.T + b`, only where asked, only on the calling thread."""
+"""A decode step's products: the numbers of `x @ W.T + b`, batch-invariant, only where asked, only on the calling
+thread."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from linalign import AlignConfig, Aligner, DecodeConfig, LinalignError, kernels
-from linalign.kernels import MAX_ROWS, route, transposed_linears, uses_transposed
+from linalign.kernels import chunked_product, route, stable_rows, step_products, uses_transposed
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def counted(monkeypatch) -> dict[int, int]:
     return calls
 
 
-@pytest.mark.parametrize("shape", [(1, 48), (2, 48), (3, 1, 48), (8, 1, 48), (MAX_ROWS, 48), (2, 5, 48)])
+@pytest.mark.parametrize("shape", [(1, 48), (2, 48), (3, 1, 48), (8, 1, 48), (64, 48), (2, 5, 48)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_transposed_linear_equals_the_product(shape, bias):
     torch.manual_seed(0)
@@ -46,13 +47,32 @@ def routed_linear() -> nn.Linear:
     return layer
 
 
-def test_only_few_row_products_are_routed(counted):
+def test_routed_products_take_the_chosen_form_only_inside_a_step(counted):
     layer = routed_linear()
-    with transposed_linears():
-        for rows in (1, 2, MAX_ROWS, MAX_ROWS + 1):
+    with step_products(transposed=True):
+        for rows in (1, 2, 64, 65):
             out = layer(torch.randn(rows, 8))
             assert out.shape == (rows, 16)
-    assert counted == {threading.get_ident(): 2}  # 2 and MAX_ROWS rows; 1 and MAX_ROWS + 1 keep torch's form
+    with step_products(transposed=False):
+        layer(torch.randn(2, 8))
+    layer(torch.randn(2, 8))  # outside a step: torch's product
+    assert counted[threading.get_ident()] >= 4
+
+
+@pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "torch"])
+@pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (960, 2560)])
+def test_a_rows_product_has_the_same_bits_whatever_shares_the_call(transposed, shape):
+    """Plain products round a row differently by the number of rows in the call (MKL: 1 | 2-56 | 57-121 rows
+    in the transposed form); chunked ones give every row its bits alone, at any count and position."""
+    weight = torch.randn(*shape) / shape[1] ** 0.5
+    x = torch.randn(130, shape[1])
+    lo, hi = stable_rows(weight, transposed)
+    assert lo <= 16 and hi >= lo
+    alone = torch.cat([chunked_product(x[i : i + 1], weight, None, transposed) for i in range(len(x))])
+    for rows in (1, 2, 3, 15, 16, 17, 56, 57, 64, 121, 122, 130):
+        together = chunked_product(x[:rows], weight, None, transposed)
+        assert torch.equal(together, alone[:rows]), rows
+    torch.testing.assert_close(alone, x @ weight.T, rtol=1e-5, atol=1e-5)
 
 
 def test_subclasses_keep_their_own_forward(counted):
@@ -63,7 +83,7 @@ def test_subclasses_keep_their_own_forward(counted):
     layer = Scaled(8, 16)
     route(layer)
     x = torch.randn(2, 8)
-    with transposed_linears():
+    with step_products(transposed=True):
         out = layer(x)
     torch.testing.assert_close(out, 2 * (x @ layer.weight.T + layer.bias))
     assert counted == {}
@@ -71,6 +91,8 @@ def test_subclasses_keep_their_own_forward(counted):
 
 def test_routing_is_scoped_to_its_thread_and_nests(counted):
     layer, x = routed_linear(), torch.randn(2, 8)
+    stable_rows(layer.weight, transposed=True)  # the regime is found once per shape: not counted below
+    counted.clear()
     inside, other = threading.Event(), threading.Event()
 
     def elsewhere() -> None:
@@ -80,8 +102,8 @@ def test_routing_is_scoped_to_its_thread_and_nests(counted):
 
     thread = threading.Thread(target=elsewhere)
     thread.start()
-    with transposed_linears():
-        with transposed_linears():  # nested use
+    with step_products(transposed=True):
+        with step_products(transposed=True):  # nested use
             layer(x)
         inside.set()
         other.wait(5)

@@ -184,13 +184,13 @@ def test_the_benchmark_times_steps_of_one_and_two_rows(monkeypatch):
 
 def test_the_benchmark_prices_batch_invariance_against_large_passes():
     from linalign import Aligner
-    from linalign.bench import invariance_cost
+    from linalign.bench import llama_invariance_cost
 
-    rows = invariance_cost(Aligner(backend="llamacpp"), (1, 2), new_tokens=3, ratio=2.0)
+    rows = llama_invariance_cost(Aligner(backend="llamacpp"), (1, 2), new_tokens=3, ratio=2.0)
     assert [r["batch"] for r in rows] == [1, 2]
     for row in rows:
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-            assert row[f"{key}_32"] > 0 and row[f"{key}_512"] > 0
+            assert row[f"{key}_invariant"] > 0 and row[f"{key}_stock"] > 0
 
 
 def test_large_passes_change_logits_only_by_kernel_noise(model, pairs):

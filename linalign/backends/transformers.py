@@ -1,7 +1,10 @@
 """The `transformers` backend: rows are one left-padded batch of a Hugging Face causal LM with one KV cache.
 
-Rows added later are prefilled on their own and merged into the running cache (their keys and values
-left-padded to the same length), so new sequences can join a batch between decode steps. Rows are dropped
+New rows are prefilled and stacked into the running cache (their keys and values left-padded to the same
+length), so new sequences can join a batch between decode steps. On CPU the backend is batch-invariant: each
+row is prefilled on its own, unpadded, and a step runs its matrix products in chunks one BLAS kernel handles
+(`linalign.kernels`) and its attention row by row (`linalign.backends.row_attention`), so a row's logits are
+those of the row alone whatever shares the batch. Rows are dropped
 from the cache with `batch_select_indices`, and left-padding columns that no row needs any more are trimmed.
 Caches whose layers are not plain key/value stores (recurrent or linear-attention states) cannot be merged
 or trimmed, and some cannot drop rows either: `can_merge` / `can_drop` say so, and the decode loop then keeps
@@ -12,13 +15,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from linalign.kernels import route, transposed_linears, uses_transposed
+from linalign.backends.row_attention import rows_attention
+from linalign.kernels import route, step_products, uses_transposed
 
 
 def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -49,13 +53,17 @@ def _pad_left(t: torch.Tensor, columns: int) -> torch.Tensor:
 class TransformersBackend:
     """Rows of one `transformers` model (see `linalign.backends`)."""
 
-    def __init__(self, model: PreTrainedModel, pad_id: int) -> None:
+    def __init__(self, model: PreTrainedModel, pad_id: int, invariant: bool = True) -> None:
         self.model, self.pad_id = model, pad_id
         self.device = model.device
+        # Batch invariance (a row's logits whatever shares its batch, docs/performance.md): on CPU, unless turned
+        # off; GPU kernels choose by shape in ways these chunks do not pin down.
+        self.invariant = invariant and self.device.type == "cpu"
+        self._stackable: bool | None = None  # whether the model's cache can be stacked from rows prefilled alone
         self._cache_name = _cache_argument(model)
         weight = next(model.parameters())
         self._transposed = uses_transposed(weight.device, weight.dtype)
-        if self._transposed:
+        if self._transposed or self.invariant:
             route(model)
         self.cache = None
         self.attention_mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
@@ -82,37 +90,71 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def add(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        ids, mask, positions = left_padded(prompts, self.pad_id, self.device)
-        if self.cache is None or not self.rows:
-            self.cache, self.attention_mask = None, mask
-            self.last_position = positions[:, -1]
-            return self._forward(ids, positions)
-        if not self.can_merge:
+        if self.rows and not self.can_merge:
             raise RuntimeError("this model's cache cannot take new rows while others decode")
-        running, running_mask = self.cache, self.attention_mask
+        if self.invariant and self._stackable is not False:
+            logits = self._add_alone(prompts)
+            if logits is not None:
+                return logits
+        ids, mask, positions = left_padded(prompts, self.pad_id, self.device)
+        running = [(self.cache, self.attention_mask)] if self.rows else []
         self.cache, self.attention_mask = None, mask
         logits = self._forward(ids, positions)
-        self._merge(running, running_mask)
+        self._stack([*running, (self.cache, self.attention_mask)])
         self.last_position = torch.cat([self.last_position, positions[:, -1]])
         return logits
 
-    def _merge(self, running, running_mask: torch.Tensor) -> None:
-        """Put the running rows (`running`, `running_mask`) before the freshly prefilled ones."""
-        width = max(running_mask.shape[1], self.attention_mask.shape[1])
-        old_pad, new_pad = width - running_mask.shape[1], width - self.attention_mask.shape[1]
-        for old, new in zip(running.layers, self.cache.layers, strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, old_pad), _pad_left(new.keys, new_pad)])
-            old.values = torch.cat([_pad_left(old.values, old_pad), _pad_left(new.values, new_pad)])
+    def _add_alone(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor | None:
+        """Prefill each prompt on its own, unpadded, so its cache and logits are those of the row alone; None
+        (nothing changed) where the model's cache cannot be stacked (then rows are prefilled padded together)."""
+        running = [(self.cache, self.attention_mask)] if self.rows else []
+        parts, logits = [], []
+        for prompt in prompts:
+            self.cache = None
+            self.attention_mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
+            ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+            logits.append(self._forward(ids, torch.arange(len(prompt), device=self.device)[None]))
+            parts.append((self.cache, self.attention_mask))
+            if self._stackable is None:
+                self._stackable = self.can_merge
+            if not self._stackable:
+                self.cache, self.attention_mask = running[0] if running else (None, self.attention_mask[:0, :0])
+                return None
+        self._stack(running + parts)
+        lengths = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=self.device)
+        self.last_position = torch.cat([self.last_position, lengths])
+        return torch.cat(logits)
+
+    def _stack(self, parts: list[tuple]) -> None:
+        """One cache of the rows of `parts` (`(cache, attention_mask)` each, in order), left-padded to one width."""
+        if len(parts) == 1:
+            self.cache, self.attention_mask = parts[0]
+            return
+        width = max(mask.shape[1] for _, mask in parts)
+        pads = [width - mask.shape[1] for _, mask in parts]
+        for layer, *each in zip(*(cache.layers for cache, _ in parts), strict=True):
+            layer.keys = torch.cat([_pad_left(x.keys, pad) for x, pad in zip([layer, *each], pads, strict=True)])
+            layer.values = torch.cat([_pad_left(x.values, pad) for x, pad in zip([layer, *each], pads, strict=True)])
         pad = torch.nn.functional.pad
-        self.attention_mask = torch.cat([pad(running_mask, (old_pad, 0)), pad(self.attention_mask, (new_pad, 0))])
-        self.cache = running
+        self.attention_mask = torch.cat([pad(mask, (p, 0)) for (_, mask), p in zip(parts, pads, strict=True)])
+        self.cache = parts[0][0]
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((self.rows, 1))], 1)
         self.last_position = self.last_position + 1
-        with transposed_linears() if self._transposed else nullcontext():  # a step has few rows: linalign.kernels
+        with self._step_kernels():
             return self._forward(tokens.to(self.device)[:, None], self.last_position[:, None])
+
+    def _step_kernels(self) -> AbstractContextManager:
+        """Batch-invariant products and attention for a step (`linalign.kernels`, `row_attention`), or the
+        transposed form alone where invariance is off."""
+        if not self.invariant:
+            return step_products(transposed=True) if self._transposed else nullcontext()
+        stack = ExitStack()
+        stack.enter_context(step_products(self._transposed))
+        stack.enter_context(rows_attention(self.model))
+        return stack
 
     def keep(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.device)
