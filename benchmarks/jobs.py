@@ -7,14 +7,15 @@ Runs, one after the other, on the built-in model (llama.cpp backend where instal
 record's own (short) principle: Ray with 2 and 1 replicas of one CPU and one thread each (a local cluster on
 loopback, started and stopped by each run), then one process with one thread and one with every core's thread.
 Every run writes its own output; the script checks that they hold the same records and prints one JSON line per
-run. Ray's cost per record: `--model TINY_MODEL_DIR --max-new-tokens 1 --runs local-1,ray-1`, where decoding
-costs next to nothing.
+run, with the 1-minute load average before and after it. Ray's cost per record: `--model TINY_MODEL_DIR
+--max-new-tokens 1 --runs local-1,ray-1`, where decoding costs next to nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -67,6 +68,7 @@ def main() -> None:
             execute = local_executor(settings, threads=1 if name == "local-1" else None)
         marks: dict = {}
         out = work / f"{name}.jsonl"
+        load_before = os.getloadavg()[0]  # the machine may be shared: each run states the load it met
         start = time.perf_counter()
         summary = run_job(settings, out, timed(execute, marks), batch_size=args.batch_size, show_progress=False)
         wall = time.perf_counter() - start
@@ -84,6 +86,7 @@ def main() -> None:
                     "records_per_s": round(summary.written / wall, 2),
                     "after_first_records_per_s": round((summary.written - args.batch_size) / (wall - first), 2),
                     "tokens": tokens,
+                    "load_1min_before_after": [round(load_before, 1), round(os.getloadavg()[0], 1)],
                 }
             ),
             flush=True,

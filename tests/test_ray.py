@@ -1,7 +1,7 @@
-"""The batch job on real Ray clusters on this machine, on loopback only: a local cluster the job starts, and a
-two-node cluster (`ray start --head` plus `ray start --address`) this module starts and stops. The nodes take
-linalign's loopback address (127.0.0.2 on Linux: Ray turns 127.0.0.1 into the machine's network address) and
-authenticate with a token of this module's own.
+"""The batch job, eval and the server on real Ray clusters on this machine, on loopback only: a local cluster
+the job starts, and a two-node cluster (`ray start --head` plus `ray start --address`) this module starts and
+stops. The nodes take linalign's loopback address (127.0.0.2 on Linux: Ray turns 127.0.0.1 into the machine's
+network address) and authenticate with a token of this module's own.
 
 The tiny random model decodes on the transformers backend: its peaked logits make greedy choices independent
 of how prompts are batched, so the Ray output must equal the single-process output record for record whatever
