@@ -3,9 +3,9 @@ the job starts, and a two-node cluster (`ray start --head` plus `ray start --add
 stops. The nodes take linalign's loopback address (127.0.0.2 on Linux: Ray turns 127.0.0.1 into the machine's
 network address) and authenticate with a token of this module's own.
 
-The tiny random model decodes on the transformers backend: its peaked logits make greedy choices independent
-of how prompts are batched, so the Ray output must equal the single-process output record for record whatever
-the batches (the job plans the same batches on both anyway)."""
+The tiny random model decodes on the transformers backend, batch-invariant on CPU (and its peaked logits leave
+no near-ties), so the Ray output must equal the single-process output record for record whatever the batches
+(the job plans the same batches on both anyway)."""
 
 from __future__ import annotations
 
