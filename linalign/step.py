@@ -12,7 +12,14 @@ stage that keeps a record of the tokens (the n-grams of the repeat guard, the re
 sets it up in `start` and extends it in `accept`, the one hook every chosen token passes through.
 
 The decode loop, the `transformers` logits processor and the benchmark's two-pass reference all run this
-chain, so the method is written once; a new option is one stage here.
+chain, so the method is written once; a new option is one stage here. A stage is a subclass of `Stage` put
+in its place in `STAGES`; every chain built afterwards runs it:
+
+    class NoDigits(Stage):  # s_t = -inf for the tokens in DIGITS, after the mask: no digit is chosen
+        def apply(self, step: Step) -> None:
+            step.scores[:, DIGITS] = float("-inf")
+
+    STAGES.insert(STAGES.index(Temperature), NoDigits)
 """
 
 from __future__ import annotations
