@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from linalign.config import MASKS, METHODS
+
 
 def _encodable(text: str) -> str:
     """Text the tokenizer can take: JSON's `\\ud800` escapes can smuggle in a lone surrogate, which no UTF-8
@@ -85,7 +87,7 @@ class LinalignOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt knob must fail, not silently use a default
 
-    method: Literal["base", "prompt", "la", "dera", "amulet"] = "la"
+    method: Literal[METHODS] = "la"
     principle: Principle | None = None
     principles: list[Principle] | None = Field(None, max_length=MAX_PRINCIPLES)
     weights: list[Strength] | None = Field(None, max_length=MAX_PRINCIPLES)
@@ -99,7 +101,7 @@ class LinalignOptions(BaseModel):
     # Linear Alignment's quality options (docs/quality.md); AlignConfig checks them.
     kl_budget: Finite | None = None
     repeat_guard: int | None = Field(None, ge=0, le=16)
-    mask: Literal["top_p", "min_p", "intersect"] | None = None
+    mask: Literal[MASKS] | None = None
     plausibility_min_p: Finite | None = None
     # The soft loop penalty (DRY; any method); AlignConfig checks the values.
     dry_multiplier: float | None = None
