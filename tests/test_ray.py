@@ -228,9 +228,8 @@ def test_serving_replicas_answer_the_openai_client_like_one_server(tiny, cluster
 
     address, _ = cluster
     port = free_port()
-    server = start_job(
-        ["serve", "--model", tiny.name, "--ray-address", address, "--replicas", "2", "--port", str(port)]
-    )
+    args = ["serve", "--model", tiny.name, "--ray-address", address, "--port", str(port), "--max-batch", "4"]
+    server = start_job([*args, "--replicas", "2"])  # a replica takes 4 requests at once, the router the rest
     try:
         wait_for_line(server, "serving")
         request = {
@@ -296,18 +295,19 @@ def stop(process: subprocess.Popen, sig: int, limit: float = 90) -> None:
         raise
 
 
-def test_sigterm_ends_every_replicas_streams_after_the_grace_and_exits(cluster):
-    """The built-in model, so that the streams run for many seconds on any CPU: the first SIGTERM reaches the
-    app in both replicas, which end their streams with a final error event at the grace."""
+def test_full_replicas_answer_429_then_sigterm_ends_their_streams_after_the_grace(cluster):
+    """The built-in model, so that the streams run for many seconds on any CPU. Both replicas full and the
+    router's queue too: a 429 with Retry-After. Then the first SIGTERM reaches the app in both replicas, which
+    end their streams with a final error event at the grace."""
     import httpx
 
     address, _ = cluster
     grace, port = 1.0, free_port()
     args = ["serve", "--ray-address", address, "--replicas", "2", "--port", str(port), "--shutdown-grace", str(grace)]
-    server = start_job(args)
+    server = start_job([*args, "--max-batch", "2", "--max-queue", "1"])  # two streams a replica: four on both
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1000, "stream": True}
-    started = threading.Barrier(5, timeout=120)
+    started = [threading.Event() for _ in range(4)]
     streams: dict[int, tuple[str, list[str]]] = {}
 
     def stream(i: int) -> None:
@@ -317,14 +317,24 @@ def test_sigterm_ends_every_replicas_streams_after_the_grace_and_exits(cluster):
                 if line:
                     lines.append(line)
                     if len(lines) == 2:  # the role, then the first token
-                        started.wait()
+                        started[i].set()
         streams[i] = (response.headers["x-linalign-replica"], lines)
 
     try:
         wait_for_line(server, "serving")
-        with ThreadPoolExecutor(4) as pool:
-            running = [pool.submit(stream, i) for i in range(4)]
-            started.wait()  # every stream has its first token
+        with ThreadPoolExecutor(8) as pool:
+            running = []
+            for i in range(4):  # one after the other: the router's queue of one never holds two
+                running.append(pool.submit(stream, i))
+                assert started[i].wait(120), streams.get(i)
+            plain = {**body, "stream": False}  # one request a proxy waits in its queue, the others are refused
+            extra = [pool.submit(httpx.post, url, json=plain, timeout=120) for _ in range(4)]
+            deadline = time.monotonic() + 30
+            while sum(f.done() for f in extra) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            refused = [f.result() for f in extra if f.done()]
+            assert len(refused) >= 2 and all(r.status_code == 429 for r in refused), [r.text for r in refused]
+            assert all(r.headers["retry-after"] == "1" for r in refused)
             start = time.monotonic()
             server.send_signal(signal.SIGTERM)
             for future in running:

@@ -89,9 +89,12 @@ def deployment_options(placement: RayPlacement, app: dict, max_replicas: int | N
     `placement.replicas` and `max_replicas`, and the app's limits and grace where Ray Serve has its own."""
     options = {
         "ray_actor_options": {"num_cpus": placement.cpus_per_replica, "num_gpus": placement.gpus_per_replica},
-        # Ray Serve's default (5 requests a replica) would cap the batch below --max-batch; the app's own queue
-        # answers 429 past --max-queue, as one server does.
-        "max_ongoing_requests": app["max_batch"] + app["max_queue"],
+        # A replica takes one batch of requests; Ray Serve's router holds the rest (up to --max-queue at each
+        # proxy, then a 429 with Retry-After, as one server answers) and sends each to a replica with room, on any
+        # node: with more room per replica, a proxy would fill the replicas on its own node first.
+        "max_ongoing_requests": app["max_batch"],
+        "max_queued_requests": app["max_queue"],
+        "backpressure_config": {"status_code": 429, "retry_after_s": 1},
         # Past this, Ray kills the replica; the app has ended its requests at the grace already.
         "graceful_shutdown_timeout_s": app["shutdown_grace"] + CLOSE_MARGIN,
         "graceful_shutdown_wait_loop_s": 0.5,
