@@ -250,6 +250,37 @@ def test_rows_after_dropped_rows_and_new_ones_equal_uncached_logits(model, pairs
     assert torch.equal(logits, reference)
 
 
+def test_prompts_prefilled_in_chunks_between_steps_equal_them_in_one_go(model, pairs, monkeypatch):
+    """Rows to come, computed seven tokens at a time while other rows step, leave and join, another prefill is
+    given up half done and the cache runs out of room (compaction): their logits, then and after a step, are bit for bit
+    those of a prefill in one go."""
+    first, second = pairs[0][0] + pairs[2][1], pairs[2][0] + pairs[3][1]
+    prompts = [first, second[:40], first[:-3]]  # the third a prefix of the first: shared cells
+    solo = model.open(512)
+    expected = solo.add(prompts)
+    compactions = []
+    compact = type(solo)._compact
+    monkeypatch.setattr(type(solo), "_compact", lambda self: compactions.append(self.rows) or compact(self))
+    busy = model.open(256)
+    busy.add([pairs[1][0]])
+    coming, given_up = busy.prefill(prompts), busy.prefill([pairs[3][0][:20]])
+    given_up.run(12)
+    chunks = 0
+    while coming.left:
+        assert coming.run(7) <= 7
+        for _ in range(3):
+            busy.step(torch.tensor([11] * busy.rows))
+        chunks += 1
+        if chunks == 2:
+            given_up.cancel()
+        if chunks % 3 == 0:  # the other row leaves and another joins: cells used once each, till compaction
+            busy.keep(torch.tensor([], dtype=torch.long))
+            busy.add([pairs[1][1]])
+    assert compactions and chunks > 6
+    assert torch.equal(coming.join(), expected)
+    assert torch.equal(busy.step(torch.tensor([11, 5, 6, 7]))[1:], solo.step(torch.tensor([5, 6, 7])))
+
+
 def test_a_closed_backends_context_is_reused_with_empty_caches(model, pairs):
     p, q = pairs[0]
     first = model.open(256)

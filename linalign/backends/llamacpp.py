@@ -34,6 +34,7 @@ import itertools
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -282,6 +283,59 @@ def shared_prefixes(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[i
     return tokens, positions, holders, last
 
 
+class LlamaCppPrefill:
+    """Rows to come of a `LlamaCppBackend` (the `linalign.backends.Prefill` protocol): the entries of their prompts
+    (`shared_prefixes`) computed in order, a chunk at a time, into the cells of their own sequences. However the
+    chunks fall, every row's cells hold its tokens in order, so its logits are those of a prefill in one go."""
+
+    def __init__(self, backend: LlamaCppBackend, prompts: Sequence[Sequence[int]], seqs: np.ndarray) -> None:
+        self.backend, self.prompts, self.seqs = backend, [list(p) for p in prompts], seqs
+        self.tokens, self.positions, self.holders, self.last = shared_prefixes(self.prompts)
+        self.done = 0  # entries computed
+        self._logits: dict[int, torch.Tensor] = {}  # entry -> the next-token logits after it, for prompts' last
+
+    @property
+    def left(self) -> int:
+        return len(self.tokens) - self.done
+
+    def run(self, tokens: int) -> int:
+        start = self.done
+        end = min(len(self.tokens), start + max(1, tokens))
+        self.backend._room(end - start)  # first: compaction gives the rows to come new sequences
+        ends = sorted({e for e in self.last if start <= e < end})
+        want = np.zeros(end - start, np.int8)
+        want[[e - start for e in ends]] = 1
+        owners = [[int(self.seqs[h]) for h in held] for held in self.holders[start:end]]
+        logits = self.backend._compute(self.tokens[start:end], self.positions[start:end], owners, want)
+        self._logits.update(zip(ends, logits, strict=True))
+        self.done = end
+        return end - start
+
+    def computed(self) -> list[list[int]]:
+        """Each prompt's tokens computed so far: a prefix of it, since its entries come in the order of its
+        positions."""
+        counts = Counter(h for held in self.holders[: self.done] for h in held)
+        return [p[: counts[i]] for i, p in enumerate(self.prompts)]
+
+    def join(self) -> torch.Tensor:
+        if self.left:
+            raise RuntimeError(f"{self.left} prompt tokens are still to prefill")
+        backend = self.backend
+        backend._coming.remove(self)
+        backend._seq = np.concatenate([backend._seq, self.seqs])
+        backend._len = np.concatenate([backend._len, np.array([len(p) for p in self.prompts], np.int32)])
+        backend._history += self.prompts
+        if not self.last:
+            return torch.zeros(0, backend.model.vocab_size)
+        return torch.stack([self._logits[e] for e in self.last])
+
+    def cancel(self) -> None:
+        backend = self.backend
+        backend._coming.remove(self)
+        backend._dropped += self.seqs.tolist()
+        backend._clear_if_idle()
+
+
 class LlamaCppBackend:
     """Rows of one llama.cpp context, advanced together (the `linalign.backends.Backend` protocol)."""
 
@@ -301,6 +355,7 @@ class LlamaCppBackend:
         self._seq = np.zeros(0, np.int32)  # llama.cpp sequence of each row
         self._len = np.zeros(0, np.int32)  # tokens held by each row (= next position)
         self._history: list[list[int]] = []  # each row's tokens, to prefill them again when the cache is compacted
+        self._coming: list[LlamaCppPrefill] = []  # rows to come, their prompts being prefilled
         self._clear()
 
     def _clear(self) -> None:
@@ -322,32 +377,32 @@ class LlamaCppBackend:
 
     @property
     def used(self) -> int:
-        """KV cells held by all rows together."""
-        return int(self._len.sum())
+        """KV cells held by all rows together, and reserved by the prompts of rows to come."""
+        return int(self._len.sum()) + sum(len(p) for coming in self._coming for p in coming.prompts)
 
     def add(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Prefill `prompts` as new rows; a prefix several of them share is computed once, its cells held by
-        every sequence that has it (`shared_prefixes`)."""
+        """Prefill `prompts` as new rows in one go (`prefill`, run to the end, joined)."""
+        coming = self.prefill(prompts)
+        coming.run(coming.left)
+        return coming.join()
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> LlamaCppPrefill:
+        """Rows to come, computed a chunk at a time between steps; a prefix several of them share is computed
+        once, its cells held by every sequence that has it (`shared_prefixes`). Their cells are reserved now."""
         lengths = np.array([len(p) for p in prompts], np.int32)
         self._check_room(lengths)
-        tokens, positions, holders, last = shared_prefixes(prompts)
-        if self._filled + len(tokens) + 1 > self.n_ctx or len(prompts) > len(self._free):
+        if len(prompts) > len(self._free):
             self._compact()
-        seqs = np.array([self._free.pop() for _ in prompts], np.int32)
-        self._seq = np.concatenate([self._seq, seqs])
-        self._len = np.concatenate([self._len, lengths])
-        self._history += [list(p) for p in prompts]
-        return self._prefill(tokens, positions, [[int(seqs[h]) for h in held] for held in holders], last)
+        coming = LlamaCppPrefill(self, prompts, np.array([self._free.pop() for _ in prompts], np.int32))
+        self._coming.append(coming)
+        return coming
 
-    def _prefill(
-        self, tokens: list[int], positions: list[int], owners: list[list[int]], last: list[int]
+    def _compute(
+        self, tokens: list[int], positions: list[int], owners: list[list[int]], want: np.ndarray
     ) -> torch.Tensor:
-        """Compute the entries of a prefill in passes; the logits of the entries `last`."""
-        if not tokens:
-            return torch.zeros(0, self.model.vocab_size)
-        want = np.zeros(len(tokens), np.int8)
-        want[last] = 1
-        out, start = [], 0
+        """Compute prefill entries in passes of at most `ubatch` tokens; the logits of the entries marked in
+        `want`, in order (the room for them made first: `_room`)."""
+        out, start = [torch.zeros(0, self.model.vocab_size)], 0
         for size in passes(len(tokens), self._pass):
             end = start + size
             out.append(
@@ -359,8 +414,7 @@ class LlamaCppBackend:
                 )
             )
             start = end
-        row_of_entry = np.cumsum(want) - 1  # logits come back for the marked entries, in order
-        return torch.cat(out)[torch.from_numpy(row_of_entry[last])]
+        return torch.cat(out)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token to every row; next-token logits of every row."""
@@ -374,8 +428,7 @@ class LlamaCppBackend:
             )
         if self._len.max() >= self.model.context_length:
             raise LinalignError(f"a sequence reached the model's context of {self.model.context_length} tokens")
-        if self._filled + self.rows + 1 > self.n_ctx:
-            self._compact()
+        self._room(self.rows)
         new = tokens.numpy().astype(np.int32)
         for history, token in zip(self._history, new.tolist(), strict=True):
             history.append(token)
@@ -396,24 +449,41 @@ class LlamaCppBackend:
         self._dropped += self._seq[~keep].tolist()
         self._seq, self._len = self._seq[keep], self._len[keep]
         self._history = [h for h, k in zip(self._history, keep.tolist(), strict=True) if k]
-        if not self.rows:
+        self._clear_if_idle()
+
+    def _clear_if_idle(self) -> None:
+        if not self.rows and not self._coming:
             self._clear()
 
+    def _room(self, tokens: int) -> None:
+        """Compact the cache if `tokens` more cells (and a ghost's) would not fit after the cells handed out."""
+        if self._filled + tokens + 1 > self.n_ctx:
+            self._compact()
+
     def _compact(self) -> None:
-        """Free the dropped rows' cells by prefilling the live rows again, in order, into the emptied cache:
-        bit for bit the cells they had, and every row's cells in the order of its tokens."""
+        """Free the dropped rows' cells by prefilling the live rows again, in order, into the emptied cache, with
+        what the rows to come have computed so far: bit for bit the cells they had, and every row's cells in the
+        order of its tokens."""
         log.debug("compacting: %d live rows, %d cells handed out of %d", self.rows, self._filled, self.n_ctx)
         histories, lengths = self._history, self._len
         self._clear()
         self._seq = np.array([self._free.pop() for _ in histories], np.int32)
         self._len = lengths
-        tokens, positions, holders, last = shared_prefixes(histories)
-        self._prefill(tokens, positions, [[int(self._seq[h]) for h in held] for held in holders], last)
+        seqs, rows = self._seq.tolist(), list(histories)
+        for coming in self._coming:
+            coming.seqs = np.array([self._free.pop() for _ in coming.prompts], np.int32)
+            for seq, part in zip(coming.seqs.tolist(), coming.computed(), strict=True):
+                if part:
+                    seqs.append(seq)
+                    rows.append(part)
+        tokens, positions, holders, _ = shared_prefixes(rows)
+        # No logits: the live rows' are in the decode loop's hands, the rows to come's are kept by them.
+        self._compute(tokens, positions, [[seqs[h] for h in held] for held in holders], np.zeros(len(tokens), np.int8))
 
     def _check_room(self, lengths: np.ndarray) -> None:
         if len(lengths) and lengths.min() < 1:
             raise LinalignError("a prompt has no tokens")
-        if len(lengths) + self.rows > _MAX_SEQ - 1:
+        if len(lengths) + self.rows + sum(len(c.prompts) for c in self._coming) > _MAX_SEQ - 1:
             raise LinalignError(f"llama.cpp holds at most {_MAX_SEQ - 1} rows at once; use smaller batches")
         longest = int(lengths.max()) if len(lengths) else 0
         if longest > self.model.context_length:

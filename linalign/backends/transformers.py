@@ -50,6 +50,55 @@ def _pad_left(t: torch.Tensor, columns: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(*t.shape[:2], columns, t.shape[3]), t], dim=2)
 
 
+class TransformersPrefill:
+    """Rows to come of a `TransformersBackend` (the `linalign.backends.Prefill` protocol), prefilled a whole prompt
+    at a time: with batch invariance each prompt alone, unpadded (a prompt cut in chunks would move its logits by
+    float rounding, and with them its tokens), otherwise all of them padded together in one pass. A step therefore
+    waits for one prompt at most, not for one chunk."""
+
+    def __init__(self, backend: TransformersBackend, prompts: Sequence[Sequence[int]]) -> None:
+        self.backend, self.prompts = backend, [list(p) for p in prompts]
+        self.done = 0  # prompts computed
+        self.parts: list[tuple] = []  # (cache, attention_mask) of the prompts computed
+        self.logits: list[torch.Tensor] = []
+        self.last: list[torch.Tensor] = []  # last positions
+
+    @property
+    def left(self) -> int:
+        return sum(len(p) for p in self.prompts[self.done :])
+
+    @torch.inference_mode()
+    def run(self, tokens: int) -> int:
+        spent, backend = 0, self.backend
+        while self.done < len(self.prompts) and (not spent or spent + len(self.prompts[self.done]) <= tokens):
+            prompt = self.prompts[self.done]
+            alone = backend._alone(prompt) if backend.invariant and backend._stackable is not False else None
+            if alone is None:  # every prompt left, padded together
+                rest = self.prompts[self.done :]
+                logits, part, last = backend._padded(rest)
+                self.logits.append(logits)
+                self.parts.append(part)
+                self.last.append(last)
+                self.done = len(self.prompts)
+                return spent + sum(map(len, rest))
+            self.logits.append(alone[0])
+            self.parts.append(alone[1])
+            self.last.append(torch.tensor([len(prompt) - 1], dtype=torch.long, device=backend.device))
+            self.done += 1
+            spent += len(prompt)
+        return spent
+
+    @torch.inference_mode()
+    def join(self) -> torch.Tensor:
+        if self.left:
+            raise RuntimeError(f"{self.left} prompt tokens are still to prefill")
+        self.backend._join(self.parts, torch.cat(self.last))
+        return torch.cat(self.logits)
+
+    def cancel(self) -> None:
+        self.parts, self.logits = [], []
+
+
 class TransformersBackend:
     """Rows of one `transformers` model (see `linalign.backends`)."""
 
@@ -88,42 +137,51 @@ class TransformersBackend:
         kinds = (DynamicLayer, DynamicSlidingWindowLayer)
         return self.cache is None or (bool(layers) and all(type(layer) in kinds for layer in layers))
 
-    @torch.inference_mode()
     def add(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Prefill `prompts` as new rows (`prefill`, run to the end, joined)."""
+        coming = self.prefill(prompts)
+        coming.run(coming.left)
+        return coming.join()
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> TransformersPrefill:
         if self.rows and not self.can_merge:
             raise RuntimeError("this model's cache cannot take new rows while others decode")
-        if self.invariant and self._stackable is not False:
-            logits = self._add_alone(prompts)
-            if logits is not None:
-                return logits
-        ids, mask, positions = left_padded(prompts, self.pad_id, self.device)
-        running = [(self.cache, self.attention_mask)] if self.rows else []
-        self.cache, self.attention_mask = None, mask
-        logits = self._forward(ids, positions)
-        self._stack([*running, (self.cache, self.attention_mask)])
-        self.last_position = torch.cat([self.last_position, positions[:, -1]])
-        return logits
+        return TransformersPrefill(self, prompts)
 
-    def _add_alone(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor | None:
-        """Prefill each prompt on its own, unpadded, so its cache and logits are those of the row alone; None
-        (nothing changed) where the model's cache cannot be stacked (then rows are prefilled padded together)."""
-        running = [(self.cache, self.attention_mask)] if self.rows else []
-        parts, logits = [], []
-        for prompt in prompts:
-            self.cache = None
-            self.attention_mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
-            ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
-            logits.append(self._forward(ids, torch.arange(len(prompt), device=self.device)[None]))
-            parts.append((self.cache, self.attention_mask))
+    def _alone(self, prompt: Sequence[int]) -> tuple[torch.Tensor, tuple] | None:
+        """Prefill `prompt` on its own, unpadded, so its cache and logits are those of the row alone: its logits
+        and `(cache, attention_mask)`; None where the model's cache cannot be stacked (then rows are prefilled
+        padded together)."""
+        running = self.cache, self.attention_mask
+        self.cache = None
+        self.attention_mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+        try:
+            logits = self._forward(ids, torch.arange(len(prompt), device=self.device)[None])
+            part = self.cache, self.attention_mask
             if self._stackable is None:
                 self._stackable = self.can_merge
-            if not self._stackable:
-                self.cache, self.attention_mask = running[0] if running else (None, self.attention_mask[:0, :0])
-                return None
-        self._stack(running + parts)
-        lengths = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=self.device)
-        self.last_position = torch.cat([self.last_position, lengths])
-        return torch.cat(logits)
+        finally:
+            self.cache, self.attention_mask = running
+        return (logits, part) if self._stackable else None
+
+    def _padded(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, tuple, torch.Tensor]:
+        """Prefill `prompts` left-padded together in one pass: their logits, `(cache, attention_mask)` and last
+        positions."""
+        ids, mask, positions = left_padded(prompts, self.pad_id, self.device)
+        running = self.cache, self.attention_mask
+        self.cache, self.attention_mask = None, mask
+        try:
+            logits = self._forward(ids, positions)
+            part = self.cache, self.attention_mask
+        finally:
+            self.cache, self.attention_mask = running
+        return logits, part, positions[:, -1]
+
+    def _join(self, parts: list[tuple], last: torch.Tensor) -> None:
+        """Rows prefilled apart (`(cache, attention_mask)` each, in order) after the running ones."""
+        self._stack(([(self.cache, self.attention_mask)] if self.rows else []) + parts)
+        self.last_position = torch.cat([self.last_position, last])
 
     def _stack(self, parts: list[tuple]) -> None:
         """One cache of the rows of `parts` (`(cache, attention_mask)` each, in order), left-padded to one width."""
