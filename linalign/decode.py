@@ -11,6 +11,12 @@ scores, shapes them and chooses its token, (2) turns tokens into text and finds 
 string, its length, cancelled), (3) drops finished sequences' rows, and (4) runs one forward pass per model
 for the rows left, so every sequence's next logits are ready. Sequences may join between steps (`add`); no
 forward pass runs once nobody is left.
+
+With `prefill_chunk`, joining sequences do not decode at once: each step also computes at most that many tokens
+of their prompts (`_prefill_some`), and they decode from the step their prompts are complete. So no step waits for
+more than one chunk of prefill, however long a newcomer's prompt, and a short prompt passes a long one (the budget
+goes to the prompts with the fewest tokens left, except that the oldest goes first when it got nothing at the
+step before, so none waits for ever).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from linalign.backends import Backend
+from linalign.backends import Backend, Prefill, Whole
 from linalign.compute import on_compute_thread
 from linalign.config import DecodeConfig
 from linalign.methods import Plan
@@ -88,6 +94,27 @@ class _Sequence:
         return self.first[where[0]] + where[1]
 
 
+@dataclass
+class _Coming:
+    """Sequences added together whose prompts are being prefilled (per model, their contexts as rows to come)."""
+
+    sequences: list[_Sequence]
+    prefills: dict[int, Prefill]
+    idle: bool = False  # no token of theirs was computed at the last step
+
+    @property
+    def left(self) -> int:
+        return sum(p.left for p in self.prefills.values())
+
+    def run(self, tokens: int) -> int:
+        """Compute about `tokens` of the prompts (at least one); the tokens computed."""
+        spent = 0
+        for prefill in self.prefills.values():
+            if prefill.left and spent < tokens:
+                spent += prefill.run(tokens - spent)
+        return spent
+
+
 def _contexts(prepared: Prepared) -> tuple[dict[int, list[list[int]]], dict[int, list[tuple[int, float]]], list]:
     """Each model's distinct contexts of one sequence, the (context, weight) of every term on each model, and
     the (model, context) of every term: identical contexts of one model share a row."""
@@ -119,6 +146,7 @@ class Decoder:
         tokenizer: PreTrainedTokenizerBase,
         eos_ids: Sequence[int],
         device: torch.device | str = "cpu",
+        prefill_chunk: int | None = None,
     ) -> None:
         self.backends, self.tokenizer = backends, tokenizer
         self.eos_ids = list(eos_ids)
@@ -128,10 +156,16 @@ class Decoder:
         self.rows: dict[int, int] = dict.fromkeys(backends, 0)  # rows held per model
         self.logits: dict[int, torch.Tensor] = {}  # per model: next-token logits of every row
         self._last: torch.Tensor | None = None  # tokens chosen at the last step, one per sequence
+        # Prompt tokens prefilled per step, where every backend can prefill in chunks (see the module docstring).
+        chunked = prefill_chunk is not None and all(hasattr(b, "prefill") for b in backends.values())
+        self.prefill_chunk = prefill_chunk if chunked else None
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        self.coming: list[_Coming] = []  # in the order they were added
 
     def __len__(self) -> int:
-        """Sequences still decoding."""
-        return sum(not s.done for s in self.sequences)
+        """Sequences still decoding or to decode once prefilled."""
+        return sum(not s.done for s in self.sequences) + sum(len(c.sequences) for c in self.coming)
 
     def fits(self, prepared: Sequence[Prepared], alone: bool = False) -> bool:
         """Whether every cache of fixed size can prefill `prepared` and take a first step now (`alone`: in an
@@ -153,38 +187,94 @@ class Decoder:
 
     @on_compute_thread
     def add_many(self, items: Sequence[tuple[Hashable, Prepared]]) -> None:
-        """Prefill several sequences in one forward pass per model."""
+        """Sequences that decode from the next step on, their prompts prefilled together (a prefix they share is
+        computed once) in one forward pass per model; with `prefill_chunk`, a chunk per step from the next on,
+        after which they decode."""
         if not items:
             return
         if not self.can_add:
             raise RuntimeError("this model's cache cannot take new sequences while others decode")
-        self._advance()  # rows already decoding get their next logits first: new rows join after them
-        prompts: dict[int, list[list[int]]] = {m: [] for m in self.backends}
+        sequences, prompts = [], {m: [] for m in self.backends}
         for key, prepared in items:
-            contexts, weights, where = _contexts(prepared)
-            plain = prepared.plan.plain
-            seq = _Sequence(
-                key=key,
-                prepared=prepared,
-                text=TextStream(self.tokenizer, prepared.config.stop),
-                sampler=Row(
-                    prepared.plan, prepared.config, prepared.term_ids[prepared.plan.anchor], self._generator(prepared)
-                ),
-                weights=weights,
-                anchor=where[prepared.plan.anchor],
-                plain=where[plain] if plain is not None else None,
-            )
+            seq, contexts = self._sequence(key, prepared)
             for m, model_contexts in contexts.items():
-                seq.first[m] = self.rows[m] + len(prompts[m])
+                seq.first[m] = len(prompts[m])  # within these rows; after the rows already there once joined
                 prompts[m].extend(model_contexts)
-            self.sequences.append(seq)
-            self.chain.join([seq.sampler])
-        for m, rows in prompts.items():
-            if rows:
-                new = self.backends[m].add(rows).to(self.device)
-                self.logits[m] = torch.cat([self.logits[m], new]) if self.rows[m] else new
-                self.rows[m] += len(rows)
+            sequences.append(seq)
+        coming = _Coming(sequences, {m: self._prefill(m, rows) for m, rows in prompts.items() if rows})
+        if self.prefill_chunk is not None:
+            self.coming.append(coming)
+            return
+        self._advance()  # rows already decoding get their next logits first: new rows join after them
+        coming.run(coming.left)
+        self._join(coming)
+
+    def _prefill(self, m: int, prompts: list[list[int]]) -> Prefill:
+        backend = self.backends[m]
+        return backend.prefill(prompts) if hasattr(backend, "prefill") else Whole(backend, prompts)
+
+    def _sequence(self, key: Hashable, prepared: Prepared) -> tuple[_Sequence, dict[int, list[list[int]]]]:
+        """A sequence's state, and its distinct contexts per model."""
+        contexts, weights, where = _contexts(prepared)
+        plain = prepared.plan.plain
+        seq = _Sequence(
+            key=key,
+            prepared=prepared,
+            text=TextStream(self.tokenizer, prepared.config.stop),
+            sampler=Row(
+                prepared.plan, prepared.config, prepared.term_ids[prepared.plan.anchor], self._generator(prepared)
+            ),
+            weights=weights,
+            anchor=where[prepared.plan.anchor],
+            plain=where[plain] if plain is not None else None,
+        )
+        return seq, contexts
+
+    def _join(self, coming: _Coming) -> list[Event]:
+        """Prefilled sequences join the decoding ones, after them; those cancelled meanwhile end at once."""
+        for s in coming.sequences:
+            for m in s.first:
+                s.first[m] += self.rows[m]
+        for m, prefill in coming.prefills.items():
+            new = prefill.join().to(self.device)
+            self.logits[m] = torch.cat([self.logits[m], new]) if self.rows[m] else new
+            self.rows[m] += len(new)
+        self.sequences += coming.sequences
+        self.chain.join([s.sampler for s in coming.sequences])
         self._reindex()
+        return [self._end(s, "cancelled") for s in coming.sequences if s.cancelled]
+
+    def _prefill_some(self) -> list[Event]:
+        """At most `prefill_chunk` prompt tokens of the sequences to come, the fewest left first, except that the
+        oldest goes first when it got none at the last step; those complete join."""
+        budget = self.prefill_chunk or 0
+        order = sorted(self.coming, key=lambda c: c.left)
+        if self.coming and self.coming[0].idle:
+            order.insert(0, order.pop(order.index(self.coming[0])))
+        for coming in order:
+            spent = coming.run(budget) if budget > 0 else 0
+            coming.idle, budget = not spent, budget - spent
+        events = []
+        for coming in [c for c in self.coming if not c.left]:
+            self.coming.remove(coming)
+            events += self._join(coming)
+        return events
+
+    def _cancel_coming(self) -> list[Event]:
+        """Sequences to come that are all cancelled are given up, their prefill unfinished."""
+        events = []
+        for coming in [c for c in self.coming if all(s.cancelled for s in c.sequences)]:
+            self.coming.remove(coming)
+            for prefill in coming.prefills.values():
+                prefill.cancel()
+            events += [self._end(s, "cancelled") for s in coming.sequences]
+        return events
+
+    def _end(self, s: _Sequence, reason: str) -> Event:
+        """`s` ends without a token; its last event."""
+        s.text.finish()
+        s.done = True
+        return Event(s.key, None, s.text.delta(final=True), reason)
 
     def _generator(self, prepared: Prepared) -> torch.Generator | None:
         if not prepared.config.do_sample or prepared.seed is None:
@@ -192,24 +282,28 @@ class Decoder:
         return torch.Generator(device=self.device).manual_seed(prepared.seed)
 
     def cancel(self, key: Hashable) -> None:
-        """End sequence `key` at the next step (finish reason "cancelled"), before it chooses another token."""
-        for s in self.sequences:
+        """End sequence `key` at the next step (finish reason "cancelled"), before it chooses another token; one
+        still to come is given up with its prefill once every sequence prefilled with it is cancelled."""
+        for s in [*self.sequences, *(s for c in self.coming for s in c.sequences)]:
             if s.key == key and not s.done:
                 s.cancelled = True
 
     @on_compute_thread
     def step(self) -> list[Event]:
-        """Choose one token for every sequence and report what happened; finished sequences leave."""
-        events = []
-        for s in self.sequences:
-            if s.cancelled and not s.done:
-                s.done = True
-                events.append(Event(s.key, None, s.text.delta(final=True), "cancelled"))
+        """Choose one token for every sequence and report what happened; finished sequences leave. With
+        `prefill_chunk`, a chunk of the prompts to come is computed first."""
+        events = self._cancel_coming()
+        events += [self._end(s, "cancelled") for s in self.sequences if s.cancelled and not s.done]
         self._drop_done()
         events += self._make_room()
         if not len(self):
             return events
         self._advance()
+        if self.coming:
+            events += self._prefill_some()
+            self._drop_done()
+        if not any(not s.done for s in self.sequences):
+            return events
         chosen, logprobs = self._choose()
         for i, (s, token) in enumerate(zip(self.sequences, chosen.tolist(), strict=True)):
             if s.done:
@@ -317,10 +411,7 @@ class Decoder:
                 live = [s for s in self.sequences if m in s.first and not s.done]
                 if not live:
                     break
-                s = live[-1]
-                s.text.finish()
-                s.done = True
-                events.append(Event(s.key, None, s.text.delta(final=True), "length"))
+                events.append(self._end(live[-1], "length"))
                 self._drop_done()
         return events
 

@@ -165,12 +165,13 @@ class Aligner:
             for i, (p, a) in enumerate(zip(prompts, aligns, strict=True))
         ]
 
-    def decoder(self, capacity: dict[int, int] | None = None) -> Decoder:
-        """An empty decode loop over fresh caches of the model(s); `capacity[m]`: KV cells model `m` will need."""
+    def decoder(self, capacity: dict[int, int] | None = None, prefill_chunk: int | None = None) -> Decoder:
+        """An empty decode loop over fresh caches of the model(s); `capacity[m]`: KV cells model `m` will need;
+        `prefill_chunk`: prompt tokens prefilled per step (none: newcomers' prompts in one go)."""
         capacity = capacity or {}
         opened = {m: loaded for m, loaded in enumerate((self.main, self.reference)) if loaded is not None}
         backends = {m: loaded.open(capacity.get(m), compile=self.compile) for m, loaded in opened.items()}
-        return Decoder(backends, self.tokenizer, self.main.eos_ids, device=self.main.device)
+        return Decoder(backends, self.tokenizer, self.main.eos_ids, self.main.device, prefill_chunk)
 
     def decode(self, prepared: Sequence[Prepared], cancelled: Sequence[bool] | None = None) -> Iterator[list[Event]]:
         """Decode prepared sequences as one batch, yielding every step's events (keys are the indices).

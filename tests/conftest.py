@@ -82,6 +82,7 @@ TIERS = {
     "test_serve": "server",
     "test_serve_load": "server",
     "test_serve_shutdown": "server",
+    "test_serve_fair": "server",
     "test_playground": "browser",
     "test_ray": "cluster",
 }

@@ -221,6 +221,66 @@ def test_a_cache_that_cannot_drop_rows_keeps_them(aligner, monkeypatch):
     assert not decoder.can_add
 
 
+# -- prompts prefilled in chunks --------------------------------------------------------------------------
+
+LONG = "Summarise: " + " ".join(["the quick brown fox jumps over the lazy dog"] * 30)  # ~300 tokens
+
+
+def test_short_newcomers_pass_long_prompts_being_prefilled_and_all_decode_as_alone(aligner):
+    """With a prefill budget of 32 tokens a step (on `transformers` a prompt is prefilled whole, one or more a
+    step), newcomers with short prompts get their first tokens before four long requests added earlier, whose eight
+    prompts take a step each at least, and every sequence decodes as it does alone."""
+    la = AlignConfig(method="la", principles=[PRINCIPLE])
+    dera = AlignConfig(method="dera", principles=[PRINCIPLE], lam=0.5)
+    config = DecodeConfig(max_new_tokens=6)
+    decoder = aligner.decoder(prefill_chunk=32)
+    decoder.add_many([(f"long{i}", aligner.prepare(LONG, la, config)) for i in range(4)])
+    newcomers = {
+        2: ("short", aligner.prepare(QUESTIONS[0], la, config)),
+        3: ("dera", aligner.prepare(QUESTIONS[2], dera, config)),
+    }
+    first: dict[str, int] = {}
+    got: dict[str, list[int]] = {}
+    for step in range(40):
+        if step in newcomers:
+            decoder.add(*newcomers[step])
+        for e in decoder.step():
+            first.setdefault(e.key, step)
+            got.setdefault(e.key, []).append(e.token)
+    assert len(decoder) == 0
+    assert max(first["short"], first["dera"]) < min(first[f"long{i}"] for i in range(4))
+    assert got["long0"] == got["long3"] == ids_of(aligner, [LONG], la, config)[0]
+    assert got["short"] == ids_of(aligner, QUESTIONS[:1], la, config)[0]
+    assert got["dera"] == ids_of(aligner, QUESTIONS[2:3], dera, config)[0]
+
+
+def test_sequences_cancelled_while_their_prompts_are_prefilled_are_given_up_at_the_next_step(aligner):
+    decoder = aligner.decoder(prefill_chunk=32)
+    base = AlignConfig(method="base")
+    decoder.add_many([(i, aligner.prepare(LONG, base, DecodeConfig(max_new_tokens=4))) for i in range(3)])
+    assert decoder.step() == [] and decoder.coming[0].left > 32
+    for i in range(3):
+        decoder.cancel(i)
+    assert [(e.key, e.token, e.finish_reason) for e in decoder.step()] == [(i, None, "cancelled") for i in range(3)]
+    assert len(decoder) == 0 and not decoder.coming and decoder.backends[0].rows == 0
+
+
+def test_long_prompts_are_prefilled_while_short_ones_keep_coming(aligner):
+    """A new short prompt every step would take the whole budget from long ones if the fewest tokens left always
+    went first; the oldest prompts go first after a step without a token, so they finish within twice their steps
+    (on `transformers`, a prompt a step)."""
+    base, one = AlignConfig(method="base"), DecodeConfig(max_new_tokens=1)
+    decoder = aligner.decoder(prefill_chunk=24)
+    decoder.add_many([(f"long{i}", aligner.prepare(LONG, base, one)) for i in range(4)])
+    short = aligner.prepare(QUESTIONS[2], base, one)
+    assert short.prompt_tokens > 24  # each short one alone is more than a step's budget
+    keys: set = set()
+    for step in range(2 * 4):
+        decoder.add(step, short)
+        keys |= {e.key for e in decoder.step()}
+    assert {f"long{i}" for i in range(4)} <= keys
+
+
 # -- the transformers logits processor ----------------------------------------------------------------------
 
 

@@ -363,14 +363,15 @@ def test_the_oldest_long_request_holds_the_places_it_waits_for(aligner):
     assert _admitted(batcher) == [short]
 
 
-def test_a_long_prefill_never_runs_on_two_steps_in_a_row_while_short_prompts_wait(aligner):
-    batcher = Batcher(aligner, max_batch=16, max_prefill_tokens=60)
-    big1, big2 = _job(aligner, words=80), _job(aligner, words=80)
-    assert big1.prefill_tokens > 60
-    assert _admitted(batcher, big1, big2) == [big1]  # one over the budget per step
-    small = _job(aligner)
-    assert _admitted(batcher, small) == [small]  # the step after a long prefill takes the short prompts first
-    assert _admitted(batcher) == [big2]
+def test_newcomers_are_admitted_at_once_and_prefilled_in_groups_of_at_most_a_chunk(aligner):
+    """Admission computes nothing (the decode loop prefills a chunk per step), so long prompts are not held back;
+    short ones are grouped, a chunk's worth at most, so that a prefix they share is computed once."""
+    batcher = Batcher(aligner, max_batch=16, prefill_chunk=100)
+    big1, big2, smalls = _job(aligner, words=80), _job(aligner, words=80), [_job(aligner) for _ in range(3)]
+    assert big1.prefill_tokens > 100 and 2 * smalls[0].prefill_tokens <= 100 < 3 * smalls[0].prefill_tokens
+    admitted = _admitted(batcher, big1, *smalls, big2)
+    assert admitted == [big1, *smalls, big2]
+    assert batcher._groups(admitted) == [smalls[:2], smalls[2:], [big1], [big2]]
 
 
 def test_a_fixed_kv_cache_is_shared_by_reservation(aligner):

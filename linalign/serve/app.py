@@ -407,12 +407,14 @@ def check_options(
     max_queue: int,
     request_timeout: float | None,
     shutdown_grace: float,
+    prefill_chunk: int = 256,
     **_others: object,
 ) -> None:
     """Refuse the server options `create_app` cannot serve with (where they start: before any model loads)."""
     if not shutdown_grace >= 0:
         raise LinalignError(f"shutdown_grace must be >= 0 seconds, got {shutdown_grace}")
-    for name, value in (("max_batch", max_batch), ("max_body_bytes", max_body_bytes), ("max_queue", max_queue)):
+    sizes = ("max_batch", max_batch), ("max_body_bytes", max_body_bytes), ("max_queue", max_queue)
+    for name, value in (*sizes, ("prefill_chunk", prefill_chunk)):
         if value < 1:
             raise LinalignError(f"{name} must be >= 1, got {value}")
     if request_timeout is not None and not request_timeout > 0:
@@ -436,6 +438,7 @@ def create_app(
     max_queue: int = 256,
     request_timeout: float | None = None,
     shutdown_grace: float = 10.0,
+    prefill_chunk: int = 256,
 ) -> FastAPI:
     """The app serving `aligner`; `app.state.batcher` is its worker, started and stopped with the app.
 
@@ -450,10 +453,18 @@ def create_app(
         max_queue=max_queue,
         request_timeout=request_timeout,
         shutdown_grace=shutdown_grace,
+        prefill_chunk=prefill_chunk,
     )
     name = model_name or aligner.main.name
     metrics = ServerMetrics()
-    batcher = Batcher(aligner, max_batch=max_batch, window=batch_window, max_queue=max_queue, metrics=metrics)
+    batcher = Batcher(
+        aligner,
+        max_batch=max_batch,
+        window=batch_window,
+        max_queue=max_queue,
+        prefill_chunk=prefill_chunk,
+        metrics=metrics,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -15,9 +15,11 @@ so room is kept instead):
   fill at full length (each context's prompt plus `max_tokens`), so no running sequence is ever cut short by a
   newcomer; requests other than short ones reserve at most three quarters of the cache together, and one whose
   full length would not fit that share has its `max_tokens` lowered to fit (it ends with "length").
-- Prompts are prefilled between steps, at most `max_prefill_tokens` tokens of them per step; a request whose
-  prompts alone are longer is prefilled on its own, at most one such per step and not on two steps in a row while
-  smaller ones wait, so a newcomer waits for at most one long prefill.
+- Prompts are prefilled in chunks between decode steps, at most `prefill_chunk` tokens of them per step, the
+  prompts with the fewest tokens left first (`linalign.decode`), so neither a running request's next token nor a
+  newcomer's short prompt waits for more than one chunk of a long prompt (on `transformers`, one prompt).
+  Newcomers admitted together are prefilled in groups of at most a chunk (a prefix they share computed once); a
+  longer request alone.
 - Requests that are not short keep their order among themselves: the oldest one waiting for places holds them
   as they free up (short ones may still use the reserved places), so a stream of short requests cannot starve it.
 
@@ -175,13 +177,13 @@ class Batcher:
         max_batch: int = 16,
         window: float = 0.02,
         max_queue: int = 256,
-        max_prefill_tokens: int = 512,
+        prefill_chunk: int = 256,
         short_tokens: int = 256,
         reserve: int | None = None,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.aligner, self.max_batch, self.window = aligner, max_batch, window
-        self.max_queue, self.max_prefill_tokens, self.short_tokens = max_queue, max_prefill_tokens, short_tokens
+        self.max_queue, self.prefill_chunk, self.short_tokens = max_queue, prefill_chunk, short_tokens
         self.reserve = max_batch // 4 if reserve is None else reserve
         if not 0 <= self.reserve < max_batch:
             raise LinalignError(f"reserve must be in [0, max_batch), got {self.reserve} for max_batch {max_batch}")
@@ -195,8 +197,7 @@ class Batcher:
         self._closed = False
         self._accepting = True
         self._drain_at: float | None = None
-        self._big_last = False  # the last step prefilled a request over the prefill budget
-        self._decoder = aligner.decoder()
+        self._decoder = aligner.decoder(prefill_chunk=prefill_chunk)
         self._capacity = {
             m: b.kv_capacity for m, b in self._decoder.backends.items() if getattr(b, "kv_capacity", None)
         }
@@ -329,18 +330,8 @@ class Batcher:
         cells = {m: sum(j.cells.get(m, 0) * j.left for j in self._running) for m in self._capacity}
         short_cells = {m: sum(j.cells.get(m, 0) * j.left for j in self._running if j.short) for m in self._capacity}
         held_rows, held_cells = 0, dict.fromkeys(self._capacity, 0)  # what the oldest waiting long request needs
-        # One request over the prefill budget per step, and not on two steps in a row while smaller ones wait.
-        big = [j for j in self._pending if j.prefill_tokens > self.max_prefill_tokens]
-        small_waiting = len(big) < len(self._pending)
-        allowed = big[0] if big and (not self._big_last or not small_waiting) else None
         jobs: list[Job] = []
-        tokens, took_big = 0, False
         for job in list(self._pending):
-            over = job.prefill_tokens > self.max_prefill_tokens
-            if over and job is not allowed:
-                continue
-            if not over and tokens + job.prefill_tokens > self.max_prefill_tokens:
-                continue
             need = {m: job.cells.get(m, 0) * job.n for m in self._capacity}
             if job.short:
                 # Into places and cells a waiting long request is not holding, or into those kept for short ones.
@@ -367,24 +358,20 @@ class Batcher:
             self._pending.remove(job)
             jobs.append(job)
             rows += job.n
-            if over:
-                took_big = True
-            else:
-                tokens += job.prefill_tokens
             for m in self._capacity:
                 cells[m] += need[m]
             if job.short:
                 short_rows += job.n
                 for m in self._capacity:
                     short_cells[m] += need[m]
-        self._big_last = took_big
         self.metrics.queue_depth.set(len(self._pending))
         return jobs
 
     def _step(self, newcomers: list[Job]) -> None:
         if newcomers:
             self._running.update(newcomers)  # first: a failing prefill must answer them too
-            self._decoder.add_many([((job, c), p) for job in newcomers for c, p in enumerate(job.prepared)])
+            for group in self._groups(newcomers):
+                self._decoder.add_many([((job, c), p) for job in group for c, p in enumerate(job.prepared)])
         now = time.monotonic()
         for job in self._running:
             if job.expired(now):
@@ -416,6 +403,19 @@ class Batcher:
                 )
         self.metrics.running.set(len(self._decoder))
 
+    def _groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Newcomers in the groups prefilled together: the smallest first, in groups of at most one chunk (or one
+        request, where it alone is longer), so a short prompt never waits for the end of a long one's prefill."""
+        groups: list[list[Job]] = []
+        tokens = 0
+        for job in sorted(jobs, key=lambda j: j.prefill_tokens):
+            if not groups or tokens + job.prefill_tokens > self.prefill_chunk:
+                groups.append([])
+                tokens = 0
+            groups[-1].append(job)
+            tokens += job.prefill_tokens
+        return groups
+
     def _count_token(self, job: Job, copy: int) -> None:
         job.tokens[copy] += 1
         self.metrics.tokens.inc()
@@ -433,7 +433,9 @@ class Batcher:
         for job in list(self._running):
             self._end(job, error)
         self._running.clear()
-        self._decoder = self.aligner.decoder()  # whatever the failed step left in the caches is dropped
+        self._decoder = self.aligner.decoder(
+            prefill_chunk=self.prefill_chunk
+        )  # whatever the failed step left in the caches is dropped
         if pending:
             with self._wake:
                 for job in self._pending:

@@ -42,6 +42,10 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies are refused with a 400.")] = 1 << 20,
     model_name: Annotated[str | None, typer.Option(help="Model id reported to clients (default: --model).")] = None,
     max_queue: Annotated[int, typer.Option(help="Requests waiting at most; more get 429 + Retry-After.")] = 256,
+    prefill_chunk: Annotated[
+        int,
+        typer.Option(help="Prompt tokens prefilled per decode step: what a running request's next token waits for."),
+    ] = 256,
     request_timeout: Annotated[
         float | None, typer.Option(help="Seconds a request may take in all (queue + decoding); none by default.")
     ] = None,
@@ -82,7 +86,8 @@ def serve(
             | {"compile": compile},
             {"api_key": api_key, "system_as_principle": system_as_principle, "ratio": ratio, "max_batch": max_batch}
             | {"batch_window": batch_window_ms / 1000, "max_body_bytes": max_body_bytes, "model_name": model_name}
-            | {"max_queue": max_queue, "request_timeout": request_timeout, "shutdown_grace": shutdown_grace},
+            | {"max_queue": max_queue, "request_timeout": request_timeout, "shutdown_grace": shutdown_grace}
+            | {"prefill_chunk": prefill_chunk},
             host,
             port,
             max_replicas=max_replicas,
@@ -105,6 +110,7 @@ def serve(
         max_queue=max_queue,
         request_timeout=request_timeout,
         shutdown_grace=shutdown_grace,
+        prefill_chunk=prefill_chunk,
     )
     guard = " (API key required)" if api_key else ""
     console.print(f"serving {aligner.main.name} at http://{host}:{port}/v1{guard}")
