@@ -6,10 +6,12 @@ project's AMD EPYC, 2 rows cost 2.1x one row, and SmolLM2's 49152 x 576 output l
 10 ms. The same product computed as `(W @ x.T).T` takes 3.5 ms.
 
 A step's products must also give a row the same bits whatever else shares the step (batch invariance). The BLAS
-switches algorithms, and so rounding, by the number of rows: MKL on this CPU computes 1 row one way, 2-56 rows
-another and 57-121 a third (the transposed form; `F.linear` switches at 2, 4, 16 and 57). So inside a step every
-product runs in chunks whose row counts lie in one such regime (`stable_rows`, found once per weight shape by
-comparing the bits of one row's product at every count): fewer rows are padded with zeros, more are split.
+picks its kernel, and so its rounding, by shape, and within a call some rows may take another kernel than others:
+MKL with AVX-512 computes 1 row one way and 2-56 rows another (the transposed form); with AVX2 it computes 2-8
+rows one way and, from 9 rows on, each full block of 16 rows another, the rows left over after the blocks the first
+way again. So inside a step every product runs in chunks whose sizes belong to one *family* (`row_family`): sizes
+at which every row of a chunk takes the same kernel, and the same one for every size of the family, found once
+per weight shape by multiplying one row repeated. A row's bits then depend on the row alone.
 
 `route(model)` gives each plain `nn.Linear` of a model (exactly that class: quantised subclasses keep their own
 `forward`) a `forward` that, inside `step_products()` on the calling thread only, computes products on CPU that
@@ -35,9 +37,8 @@ from torch.nn import functional as F
 
 from linalign.errors import LinalignError
 
-# Row counts compared when looking for a regime; a regime must start at or below LOWEST_START (padding to it is cheap).
+# Chunk sizes tried when looking for a family of sizes that give a row the same bits.
 PROBE_ROWS = 64
-LOWEST_START = 16
 # The transposed form must be clearly faster, so that the choice, and the exact floats, stay the same run to run.
 MARGIN = 1.25
 CHOICES = ("auto", "transposed", "torch")
@@ -99,39 +100,45 @@ def _product(transposed: bool) -> Callable[..., torch.Tensor]:
     return transposed_linear if transposed else F.linear
 
 
-_regimes: dict[tuple, tuple[int, int]] = {}
+_families: dict[tuple, tuple[int, ...]] = {}
 
 
-def stable_rows(weight: torch.Tensor, transposed: bool) -> tuple[int, int]:
-    """`(lo, hi)`: the widest run of row counts, starting at most at `LOWEST_START`, over which a row's product
-    with `weight` has the same bits however many rows share the call (the BLAS's choice depends on the shape, not
-    on the values: found once per shape, dtype and form)."""
+def row_family(weight: torch.Tensor, transposed: bool) -> tuple[int, ...]:
+    """The chunk sizes (ascending) at which a row's product with `weight` has the same bits at every position of
+    the chunk and at every size of the family: the largest such family. The BLAS's choice depends on the shape,
+    not on the values, so one row repeated tells it; found once per shape, dtype and form."""
     key = (tuple(weight.shape), weight.dtype, weight.device, transposed)
-    if key not in _regimes:
+    if key not in _families:
         product = _product(transposed)
-        x = torch.randn(PROBE_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
+        row = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
+        families: dict[bytes, list[int]] = {}
         with torch.inference_mode():
-            first = [product(x[:rows], weight)[0] for rows in range(1, PROBE_ROWS + 1)]
-        runs, start = [], 1
-        for rows in range(2, PROBE_ROWS + 2):
-            if rows > PROBE_ROWS or not torch.equal(first[rows - 1], first[start - 1]):
-                runs.append((start, rows - 1))
-                start = rows
-        _regimes[key] = max((r for r in runs if r[0] <= LOWEST_START), key=lambda r: (r[1] - r[0], -r[0]))
-    return _regimes[key]
+            for size in range(1, PROBE_ROWS + 1):
+                out = product(row.expand(size, -1).contiguous(), weight)
+                if bool((out == out[0]).all()):
+                    families.setdefault(out[0].float().numpy().tobytes(), []).append(size)
+        _families[key] = tuple(max(families.values(), key=len))
+    return _families[key]
+
+
+def chunk_sizes(rows: int, family: tuple[int, ...]) -> list[int]:
+    """Sizes from `family` whose sum covers `rows`: full chunks of the largest size, then the smallest size that
+    holds the rest (padded with zero rows)."""
+    largest = family[-1]
+    sizes = [largest] * (rows // largest)
+    rest = rows - sum(sizes)
+    if rest:
+        sizes.append(next(size for size in family if size >= rest))
+    return sizes
 
 
 def chunked_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` in chunks of row counts within `stable_rows`: each row's bits depend on the row
-    alone."""
+    """`F.linear(x, weight, bias)` in chunks of sizes of `row_family`: each row's bits depend on the row alone."""
     rows = x.reshape(-1, x.shape[-1])
-    lo, hi = stable_rows(weight, transposed)
-    count = rows.shape[0]
-    chunks = -(-count // hi)
-    size = max(lo, -(-count // chunks))
-    padded = torch.nn.functional.pad(rows, (0, 0, 0, chunks * size - count))
+    sizes = chunk_sizes(rows.shape[0], row_family(weight, transposed))
+    padded = torch.nn.functional.pad(rows, (0, 0, 0, sum(sizes) - rows.shape[0]))
     product = _product(transposed)
-    out = torch.cat([product(chunk, weight) for chunk in padded.split(size)])[:count]
+    out = torch.cat([product(chunk, weight) for chunk in padded.split(sizes)])[: rows.shape[0]]
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from linalign import AlignConfig, Aligner, DecodeConfig, LinalignError, kernels
-from linalign.kernels import chunked_product, route, stable_rows, step_products, uses_transposed
+from linalign.kernels import chunk_sizes, chunked_product, route, row_family, step_products, uses_transposed
 
 
 @pytest.fixture
@@ -59,15 +59,23 @@ def test_routed_products_take_the_chosen_form_only_inside_a_step(counted):
     assert counted[threading.get_ident()] >= 4
 
 
+def test_chunks_cover_the_rows_with_sizes_of_the_family():
+    family = (2, 3, 4, 8, 16)
+    assert chunk_sizes(1, family) == [2]
+    assert chunk_sizes(5, family) == [8]
+    assert chunk_sizes(16, family) == [16]
+    assert chunk_sizes(37, family) == [16, 16, 8]
+
+
 @pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "torch"])
 @pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (960, 2560)])
 def test_a_rows_product_has_the_same_bits_whatever_shares_the_call(transposed, shape):
-    """Plain products round a row differently by the number of rows in the call (MKL: 1 | 2-56 | 57-121 rows
-    in the transposed form); chunked ones give every row its bits alone, at any count and position."""
+    """Plain products round a row differently by the number of rows in the call and by its place among them
+    (MKL with AVX-512: 1 | 2-56 | 57-121 rows in the transposed form; with AVX2 the rows after each block of 16
+    differ); chunked ones give every row its bits alone, at any count and position."""
     weight = torch.randn(*shape) / shape[1] ** 0.5
     x = torch.randn(130, shape[1])
-    lo, hi = stable_rows(weight, transposed)
-    assert lo <= 16 and hi >= lo
+    assert len(row_family(weight, transposed)) >= 2
     alone = torch.cat([chunked_product(x[i : i + 1], weight, None, transposed) for i in range(len(x))])
     for rows in (1, 2, 3, 15, 16, 17, 56, 57, 64, 121, 122, 130):
         together = chunked_product(x[:rows], weight, None, transposed)
@@ -91,7 +99,7 @@ def test_subclasses_keep_their_own_forward(counted):
 
 def test_routing_is_scoped_to_its_thread_and_nests(counted):
     layer, x = routed_linear(), torch.randn(2, 8)
-    stable_rows(layer.weight, transposed=True)  # the regime is found once per shape: not counted below
+    row_family(layer.weight, transposed=True)  # the family is found once per shape: not counted below
     counted.clear()
     inside, other = threading.Event(), threading.Event()
 
