@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from linalign.cli import app
 from linalign.distributed import LOOPBACK
+from linalign.serve.load import QUESTIONS
 
 PRINCIPLE = "Answer in lowercase letters only."
 RAY = str(Path(sys.executable).parent / "ray")
@@ -306,7 +307,8 @@ def test_full_replicas_answer_429_then_sigterm_ends_their_streams_after_the_grac
     args = ["serve", "--ray-address", address, "--replicas", "2", "--port", str(port), "--shutdown-grace", str(grace)]
     server = start_job([*args, "--max-batch", "2", "--max-queue", "1"])  # two streams a replica: four on both
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1000, "stream": True}
+    body = {"messages": [{"role": "user", "content": QUESTIONS[2]}], "max_tokens": 1000, "stream": True}
+    body |= {"temperature": 1.8, "seed": 3}  # sampled hot and seeded (so alike on any load): no early EOS
     started = [threading.Event() for _ in range(4)]
     streams: dict[int, tuple[str, list[str]]] = {}
 
@@ -327,13 +329,13 @@ def test_full_replicas_answer_429_then_sigterm_ends_their_streams_after_the_grac
             for i in range(4):  # one after the other: the router's queue of one never holds two
                 running.append(pool.submit(stream, i))
                 assert started[i].wait(120), streams.get(i)
-            plain = {**body, "stream": False}  # one request a proxy waits in its queue, the others are refused
+            plain = {**body, "stream": False}  # the proxies' queues fill up (one each), then a refusal
             extra = [pool.submit(httpx.post, url, json=plain, timeout=120) for _ in range(4)]
             deadline = time.monotonic() + 30
-            while sum(f.done() for f in extra) < 2 and time.monotonic() < deadline:
+            while not any(f.done() for f in extra) and time.monotonic() < deadline:
                 time.sleep(0.1)
             refused = [f.result() for f in extra if f.done()]
-            assert len(refused) >= 2 and all(r.status_code == 429 for r in refused), [r.text for r in refused]
+            assert refused and all(r.status_code == 429 for r in refused), [r.text for r in refused]
             assert all(r.headers["retry-after"] == "1" for r in refused)
             start = time.monotonic()
             server.send_signal(signal.SIGTERM)
@@ -343,7 +345,7 @@ def test_full_replicas_answer_429_then_sigterm_ends_their_streams_after_the_grac
         server.wait(timeout=60)
         took = time.monotonic() - start
     finally:
-        stop(server, signal.SIGKILL)
+        stop(server, signal.SIGTERM)  # if still up: Serve leaves the module's cluster, whatever failed
     assert grace <= ended < grace + 10, ended
     assert took < grace + 30 and server.returncode == 0, (took, server.returncode)
     assert len({replica for replica, _ in streams.values()}) == 2  # the streams ran on both replicas
