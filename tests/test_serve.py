@@ -278,6 +278,7 @@ def test_a_failing_model_is_an_openai_500_and_the_worker_carries_on(client, tiny
     from linalign.backends.transformers import TransformersBackend
 
     monkeypatch.setattr(TransformersBackend, "add", fail)
+    monkeypatch.setattr(TransformersBackend, "prefill", fail)  # the server prefills in parts
     with pytest.raises(openai.InternalServerError) as err:
         ask(client, max_tokens=2)
     assert err.value.body["type"] == "server_error" and "RuntimeError: out of memory" in err.value.body["message"]
