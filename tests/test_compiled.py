@@ -46,6 +46,7 @@ def compiled(tiny, tiny_other) -> Aligner:
     return Aligner(tiny, reference=tiny_other, compile=True)
 
 
+@pytest.mark.slow  # torch.compile takes seconds: not in the unit tier
 def test_compiled_la_equals_eager_with_mixed_prompts_and_rows_finishing_early(eager, compiled):
     align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=2.0)
     expected = tokens(eager, align)
@@ -54,6 +55,7 @@ def test_compiled_la_equals_eager_with_mixed_prompts_and_rows_finishing_early(ea
     assert not compiled.main.compiled.eager  # the step really ran compiled
 
 
+@pytest.mark.slow  # torch.compile takes seconds: not in the unit tier
 def test_compiled_dera_and_plain_decoding_equal_eager(eager, compiled):
     for align in (AlignConfig(method="dera", lam=1.5), AlignConfig(method="base")):
         assert tokens(compiled, align) == tokens(eager, align)
@@ -159,6 +161,7 @@ def test_compiled_equals_eager_on_the_builtin_model(smollm2):
     assert not smollm2.compiled.eager
 
 
+@pytest.mark.slow  # torch.compile takes seconds: not in the unit tier
 def test_symbolic_sizes_from_the_start_equal_eager(eager, tiny, monkeypatch):
     """The GPU benchmark compiles with symbolic sizes from the first call (one compilation per model)."""
     monkeypatch.setattr(compiled_module, "DYNAMIC", True)
