@@ -332,7 +332,9 @@ def run_benchmark(
         m.speed_vs_generate = m.tokens_per_s / floor.tokens_per_s
         m.memory_vs_generate = m.peak_mb / floor.peak_mb
     step_ms = {rows: round(llama_step_ms(llama, rows), 2) for rows in (1, 2)} if llama is not None else None
-    invariance = {"transformers": transformers_invariance_cost(loaded, batches, new_tokens, ratio)}
+    invariance = {}
+    if loaded.device.type == "cpu":  # elsewhere the transformers backend is not batch-invariant: nothing to price
+        invariance["transformers"] = transformers_invariance_cost(loaded, batches, new_tokens, ratio)
     if llama is not None:
         invariance["llamacpp"] = llama_invariance_cost(llama, batches, new_tokens, ratio)
     return {

@@ -50,6 +50,12 @@ def _pad_left(t: torch.Tensor, columns: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(*t.shape[:2], columns, t.shape[3]), t], dim=2)
 
 
+def _plain(cache) -> bool:
+    """Whether `cache` holds plain key/value layers only, which can be left-padded and stacked."""
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
 class TransformersPrefill:
     """Rows to come of a `TransformersBackend` (the `linalign.backends.Prefill` protocol), prefilled a whole prompt
     at a time: with batch invariance each prompt alone, unpadded (a prompt cut in chunks would move its logits by
@@ -128,8 +134,7 @@ class TransformersBackend:
     @property
     def can_merge(self) -> bool:
         """Plain key/value layers only: new rows are left-padded to the running length and stacked."""
-        layers = self._layers()
-        return self.cache is None or (bool(layers) and all(type(layer) is DynamicLayer for layer in layers))
+        return self.cache is None or _plain(self.cache)
 
     @property
     def can_drop(self) -> bool:
@@ -152,17 +157,9 @@ class TransformersBackend:
         """Prefill `prompt` on its own, unpadded, so its cache and logits are those of the row alone: its logits
         and `(cache, attention_mask)`; None where the model's cache cannot be stacked (then rows are prefilled
         padded together)."""
-        running = self.cache, self.attention_mask
-        self.cache = None
-        self.attention_mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
-        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
-        try:
-            logits = self._forward(ids, torch.arange(len(prompt), device=self.device)[None])
-            part = self.cache, self.attention_mask
-            if self._stackable is None:
-                self._stackable = self.can_merge
-        finally:
-            self.cache, self.attention_mask = running
+        logits, part, _ = self._padded([prompt])  # one prompt: no padding
+        if self._stackable is None:
+            self._stackable = _plain(part[0])
         return (logits, part) if self._stackable else None
 
     def _padded(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, tuple, torch.Tensor]:
@@ -190,9 +187,10 @@ class TransformersBackend:
             return
         width = max(mask.shape[1] for _, mask in parts)
         pads = [width - mask.shape[1] for _, mask in parts]
-        for layer, *each in zip(*(cache.layers for cache, _ in parts), strict=True):
-            layer.keys = torch.cat([_pad_left(x.keys, pad) for x, pad in zip([layer, *each], pads, strict=True)])
-            layer.values = torch.cat([_pad_left(x.values, pad) for x, pad in zip([layer, *each], pads, strict=True)])
+        for layers in zip(*(cache.layers for cache, _ in parts), strict=True):  # one layer of every part
+            first = layers[0]
+            first.keys = torch.cat([_pad_left(x.keys, pad) for x, pad in zip(layers, pads, strict=True)])
+            first.values = torch.cat([_pad_left(x.values, pad) for x, pad in zip(layers, pads, strict=True)])
         pad = torch.nn.functional.pad
         self.attention_mask = torch.cat([pad(mask, (p, 0)) for (_, mask), p in zip(parts, pads, strict=True)])
         self.cache = parts[0][0]
