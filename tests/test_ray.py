@@ -329,11 +329,16 @@ def test_full_replicas_answer_429_then_sigterm_ends_their_streams_after_the_grac
             for i in range(4):  # one after the other: the router's queue of one never holds two
                 running.append(pool.submit(stream, i))
                 assert started[i].wait(120), streams.get(i)
-            plain = {**body, "stream": False}  # the proxies' queues fill up (one each), then a refusal
-            extra = [pool.submit(httpx.post, url, json=plain, timeout=120) for _ in range(4)]
-            deadline = time.monotonic() + 30
-            while not any(f.done() for f in extra) and time.monotonic() < deadline:
-                time.sleep(0.1)
+            # The proxies' queues fill up (one each), then refusals. One request at a time: the two nodes' proxies
+            # share the port, and a proxy's router learns the queue limit only after its first request, so a burst
+            # reaching a proxy that had none yet would all be queued.
+            plain = {**body, "stream": False}
+            extra = []
+            for _ in range(4):
+                extra.append(pool.submit(httpx.post, url, json=plain, timeout=120))
+                deadline = time.monotonic() + 5
+                while not extra[-1].done() and time.monotonic() < deadline:
+                    time.sleep(0.1)
             refused = [f.result() for f in extra if f.done()]
             assert refused and all(r.status_code == 429 for r in refused), [r.text for r in refused]
             assert all(r.headers["retry-after"] == "1" for r in refused)
