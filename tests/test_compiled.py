@@ -61,6 +61,7 @@ def test_compiled_dera_and_plain_decoding_equal_eager(eager, compiled):
         assert tokens(compiled, align) == tokens(eager, align)
 
 
+@pytest.mark.slow  # torch.compile takes seconds: not in the unit tier
 def test_a_running_static_batch_takes_no_new_sequences(compiled):
     decoder = compiled.decoder()
     decoder.add(0, compiled.prepare(QUESTIONS[0], AlignConfig(method="base"), DecodeConfig(max_new_tokens=4)))
@@ -199,6 +200,7 @@ def test_random_init_shapes_match_the_public_models():
     assert "vocabulary 32768 -> 49152" in mistral.name  # enlarged for the built-in tokenizer's ids
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers: seconds
 def test_importing_linalign_leaves_torch_settings_alone():
     import subprocess
     import sys

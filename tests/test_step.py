@@ -13,7 +13,7 @@ from openai import OpenAI
 from reference import nucleus
 from typer.testing import CliRunner
 
-from linalign import AlignConfig, Aligner, DecodeConfig, LinearAlignmentLogitsProcessor
+from linalign import AlignConfig, Aligner, DecodeConfig, LinearAlignmentLogitsProcessor, combine
 from linalign import step as chain_module
 from linalign.cli import app
 from linalign.methods import Plan, Term, make_plan
@@ -166,6 +166,18 @@ def test_plausibility_masks_by_kind():
     for i, mask in enumerate(expected):
         assert torch.equal(step.mask[i], mask)
         assert torch.equal(step.scores[i] == INF, ~mask)
+
+
+@pytest.mark.parametrize("scale", [0.3, 8.0])
+def test_the_nucleus_of_a_real_vocabulary_by_top_k_or_by_sort(scale):
+    """A peaked row's nucleus is read from its top-k, a flat row's (its top-k holds less than top-p) from a full
+    sort: both equal the nucleus of the sorted distribution."""
+    x = torch.randn(2, 49152, generator=torch.Generator().manual_seed(0)) * scale
+    top_mass = torch.softmax(x, -1).topk(combine._NUCLEUS_GUESS, -1).values.sum(-1)
+    assert bool((top_mass < 0.8).all()) == (scale < 1)  # the path each scale is meant to take
+    mask = combine.plausibility_mask(x, 0.8)
+    for i in range(2):
+        assert torch.equal(mask[i], nucleus(x[i], 0.8))
 
 
 def test_the_mask_falls_back_to_the_anchor_where_nothing_is_left():
