@@ -35,6 +35,14 @@ DEFAULT_MODEL = "smollm2"
 _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def batch_invariance_default() -> bool:
+    """`LINALIGN_BATCH_INVARIANT` (1/0, on/off, true/false), on when unset: one switch for every command."""
+    value = os.environ.get("LINALIGN_BATCH_INVARIANT", "1").strip().lower()
+    if value not in ("1", "on", "true", "0", "off", "false"):
+        raise LinalignError(f"LINALIGN_BATCH_INVARIANT must be 1 or 0 (on/off, true/false), got {value!r}")
+    return value in ("1", "on", "true")
+
+
 @dataclass
 class LoadedModel:
     """A causal LM with its tokenizer, ready for decoding."""
@@ -49,7 +57,7 @@ class LoadedModel:
     source: str | None = None  # what was loaded, for loading the transformers form later
     # transformers backend on CPU: a row's logits independent of its batch (docs/performance.md); False trades it
     # for the price measured there. llama.cpp's rows are batch-invariant always; GPU kernels are not.
-    batch_invariant: bool = True
+    batch_invariant: bool = field(default_factory=batch_invariance_default)
 
     @property
     def backend(self) -> str:
@@ -261,12 +269,19 @@ def _no_progress_bars() -> Iterator[None]:
 
 @on_own_thread
 def load_model(
-    spec: str | None = None, *, dtype: str = "float32", device: str = "cpu", backend: str = "transformers"
+    spec: str | None = None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    backend: str = "transformers",
+    batch_invariant: bool | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a directory or a `.gguf` file.
 
     `device` is `cpu`, `cuda`, `cuda:N`, `mps` or `auto` (accelerate's `device_map="auto"`). `backend` is
-    `transformers`, `llamacpp` (`.gguf` files, CPU) or `auto` (see `pick_backend`).
+    `transformers`, `llamacpp` (`.gguf` files, CPU) or `auto` (see `pick_backend`). `batch_invariant` (default:
+    `LINALIGN_BATCH_INVARIANT`, else on) keeps the `transformers` backend's rows independent of their batch on
+    CPU, at the price docs/performance.md measures; llama.cpp's rows are independent always.
     """
     if dtype not in _DTYPES:
         raise LinalignError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
@@ -298,4 +313,7 @@ def load_model(
             raise LinalignError(f"device {device!r} is not usable here: {err}") from err
     model.eval()
     name = str(spec or DEFAULT_MODEL)
-    return LoadedModel(model=model, tokenizer=_prepared_tokenizer(tokenizer), name=name, source=spec)
+    loaded = LoadedModel(model=model, tokenizer=_prepared_tokenizer(tokenizer), name=name, source=spec)
+    if batch_invariant is not None:
+        loaded.batch_invariant = batch_invariant
+    return loaded

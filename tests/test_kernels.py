@@ -121,6 +121,20 @@ def test_routing_is_scoped_to_its_thread_and_nests(counted):
     assert counted == {threading.get_ident(): 2}
 
 
+def test_batch_invariance_is_on_unless_turned_off(tiny, monkeypatch):
+    """On by default; off by `load_model(..., batch_invariant=False)` or `LINALIGN_BATCH_INVARIANT=0`."""
+    from linalign.models import load_model
+
+    assert tiny.batch_invariant and tiny.open().invariant
+    assert not load_model(tiny.source, batch_invariant=False).open().invariant
+    monkeypatch.setenv("LINALIGN_BATCH_INVARIANT", "0")
+    assert not load_model(tiny.source).batch_invariant
+    assert load_model(tiny.source, batch_invariant=True).open().invariant
+    monkeypatch.setenv("LINALIGN_BATCH_INVARIANT", "sometimes")
+    with pytest.raises(LinalignError, match="LINALIGN_BATCH_INVARIANT must be 1 or 0"):
+        load_model(tiny.source)
+
+
 def test_the_choice_can_be_pinned(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("LINALIGN_KERNEL", "torch")
