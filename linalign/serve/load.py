@@ -357,9 +357,14 @@ def shutdown_time(command: list[str], port: int, streams: int = 4, max_tokens: i
         }  # rarely an EOS
         background = _Background(url, [body] * streams)
         with httpx.Client(timeout=10) as http:
-            while http.get(f"{root}/health").json()["running"] < streams and time.monotonic() < deadline:
+            # Every stream admitted or queued: the KV cache may hold fewer at full length than were sent.
+            while time.monotonic() < deadline:
+                health = http.get(f"{root}/health").json()
+                if health["running"] and health["running"] + health["queued"] >= streams:
+                    break
                 time.sleep(0.1)
-        time.sleep(1.0)
+            time.sleep(1.0)
+            running = http.get(f"{root}/health").json()["running"]
         start = time.monotonic()
         process.send_signal(signal.SIGTERM)
         try:
@@ -370,6 +375,7 @@ def shutdown_time(command: list[str], port: int, streams: int = 4, max_tokens: i
         background.stop()
         return {
             "streams": streams,
+            "running_at_signal": running,
             "max_tokens": max_tokens,
             "exit_s": exited,
             "cap_s": cap,
