@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -12,23 +11,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from linalign.config import DecodeConfig
 from linalign.errors import LinalignError
 from linalign.kernels import describe
 from linalign.options import (
     RAY_TAKES_NO_ADDRESS,
-    AmuletAlphaOpt,
-    AmuletEtaOpt,
-    AmuletItersOpt,
-    AmuletLambdaOpt,
     BackendOpt,
     CompileOpt,
     DeviceOpt,
-    DryAllowedOpt,
-    DryBaseOpt,
-    DryBreakerOpt,
-    DryMultiplierOpt,
     DtypeOpt,
-    LamOpt,
     MaskOpt,
     MaxNewOpt,
     ModelOpt,
@@ -37,18 +28,14 @@ from linalign.options import (
     RatioOpt,
     RawOpt,
     RefModelOpt,
-    RepetitionOpt,
-    SeedOpt,
-    StopOpt,
     SystemOpt,
     TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
-    WeightOpt,
     exits_cleanly,
+    knob_options,
 )
+from linalign.params import ALIGN, DECODE, KNOBS, parse_options
 from linalign.prompts import Conversation, parse_conversations
-from linalign.resolve import align_configs, decode_config, parse_methods, unescape
+from linalign.resolve import align_configs, parse_methods
 from linalign.serve.bench import serve_bench
 from linalign.serve.cli import serve
 from linalign.serve.playground import playground
@@ -92,6 +79,7 @@ def _read_prompts(prompts: list[str], messages: str | None) -> list[str | Conver
 
 @app.command()
 @exits_cleanly
+@knob_options([k for k in (*ALIGN, *DECODE) if k.cli])
 def generate(
     prompts: Annotated[
         list[str] | None, typer.Argument(help="Questions, taken as they are; '-' reads one per line of stdin.")
@@ -101,40 +89,17 @@ def generate(
         typer.Option(help="JSON lines of conversations ([{role, content}, ...] per line); '-' reads stdin."),
     ] = None,
     principle: PrincipleOpt = None,
-    weight: WeightOpt = None,
     method: Annotated[
         str, typer.Option("--method", "--methods", help="Comma-separated: base,prompt,la,dera,amulet.")
     ] = "prompt,la",
-    ratio: RatioOpt = 2.0,
-    lam: LamOpt = 1.0,
-    plausibility_top_p: MaskOpt = 0.8,
-    amulet_iterations: AmuletItersOpt = 60,
-    amulet_eta: AmuletEtaOpt = 10.0,
-    amulet_alpha: AmuletAlphaOpt = 2.0,
-    amulet_lambda: AmuletLambdaOpt = 2.0,
     model: ModelOpt = "smollm2",
     ref_model: RefModelOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     backend: BackendOpt = "auto",
     compile: CompileOpt = False,
-    max_new_tokens: MaxNewOpt = 128,
     system: SystemOpt = None,
     raw: RawOpt = False,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    seed: SeedOpt = None,
-    stop: StopOpt = None,
-    repetition_penalty: RepetitionOpt = 1.0,
-    kl_budget: KlBudgetOpt = None,
-    repeat_guard: RepeatGuardOpt = 0,
-    mask: MaskKindOpt = "top_p",
-    min_p: MinPOpt = 0.1,
-    dry_multiplier: DryMultiplierOpt = None,
-    dry_base: DryBaseOpt = None,
-    dry_allowed_length: DryAllowedOpt = None,
-    dry_breaker: DryBreakerOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of tables.")] = False,
     input_path: Annotated[
         Path | None, typer.Option("--input", help="A batch job: JSONL records (prompt or messages, id, ...).")
@@ -146,18 +111,21 @@ def generate(
     replicas: Annotated[int, typer.Option(help="Ray replicas, each with its own model.")] = 1,
     cpus_per_replica: Annotated[float, typer.Option(help="CPUs a Ray replica reserves (its threads).")] = 1.0,
     gpus_per_replica: Annotated[float, typer.Option(help="GPUs a Ray replica reserves.")] = 0.0,
+    *,
+    knobs: dict,
 ) -> None:
     """Generate with each method, side by side, for every prompt (one batch per method); with --input, a
     resumable batch job over a JSONL file, on this machine or on Ray replicas (docs/scaling.md)."""
     from linalign.engine import Aligner
 
+    methods = parse_methods(method)
+    config = DecodeConfig(**{k.name: knobs[k.name] for k in DECODE if knobs.get(k.name) is not None})
     if input_path is not None:
         from linalign.jobs import JobSettings, generate_job
 
         if prompts or messages is not None:
             hint = f" ({RAY_TAKES_NO_ADDRESS})" if ray and prompts else ""  # `--ray HOST:PORT` read as a question
             raise LinalignError("give questions, --messages or --input, one of them" + hint)
-        la_options = {} if kl_budget is None and mask == "top_p" else {"kl_budget": kl_budget, "mask": mask}
         settings = JobSettings(
             input=str(input_path.resolve()),
             model=model,
@@ -166,16 +134,10 @@ def generate(
             device=device,
             backend=backend,
             compile=compile,
-            methods=parse_methods(method),
+            methods=methods,
             principles=list(principle or []),
-            knobs={"ratio": ratio, "weights": weight, "lam": lam, "plausibility_top_p": plausibility_top_p}
-            | {"amulet_iterations": amulet_iterations, "amulet_eta": amulet_eta, "amulet_alpha": amulet_alpha}
-            | {"amulet_lambda": amulet_lambda, "repeat_guard": repeat_guard}
-            | {"dry_multiplier": dry_multiplier, "dry_base": dry_base, "dry_allowed_length": dry_allowed_length}
-            | {"dry_breakers": [unescape(b) for b in dry_breaker] if dry_breaker else None},
-            la_options=la_options | ({"plausibility_min_p": min_p} if la_options else {}),
-            decode=vars(decode_config(max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
-            | {"stop": [unescape(s) for s in stop or []], "repetition_penalty": repetition_penalty},
+            knobs={k.name: knobs[k.name] for k in ALIGN},
+            decode=vars(config),
             system=system,
             raw=raw,
         )
@@ -193,40 +155,14 @@ def generate(
     if output is not None or ray or ray_address is not None:
         raise LinalignError("--output and --ray belong to a batch job: give its records with --input FILE")
     inputs = _read_prompts(prompts or [], messages)
-    aligns = align_configs(
-        parse_methods(method),
-        principle,
-        ratio=ratio,
-        weights=weight,
-        lam=lam,
-        plausibility_top_p=plausibility_top_p,
-        amulet_iterations=amulet_iterations,
-        amulet_eta=amulet_eta,
-        amulet_alpha=amulet_alpha,
-        amulet_lambda=amulet_lambda,
-        repeat_guard=repeat_guard,
-        dry_multiplier=dry_multiplier,
-        dry_base=dry_base,
-        dry_allowed_length=dry_allowed_length,
-        dry_breakers=[unescape(b) for b in dry_breaker] if dry_breaker else None,
-    )
-    aligns = _with_la_options(aligns, kl_budget, mask, min_p)
-    if any(a.method == "dera" for a in aligns) and ref_model is None:
-        raise LinalignError("method 'dera' needs --ref-model")
-    config = decode_config(
-        max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        stop=[unescape(s) for s in stop or []],
-        repetition_penalty=repetition_penalty,
-    )
+    aligns = align_configs(methods, principle, {k.name: knobs[k.name] for k in ALIGN})
     console = Console(stderr=as_json)
-    if not config.do_sample and any(v is not None for v in (top_p, top_k, seed)):
+    if not config.do_sample and any(knobs.get(k) not in (None, KNOBS[k].default) for k in ("top_p", "top_k", "seed")):
         console.print("note: --top-p, --top-k and --seed shape sampling only; without --temperature decoding is greedy")
     with console.status(f"loading {model}", spinner="dots"):
         aligner = Aligner(model, reference=ref_model, dtype=dtype, device=device, backend=backend, compile=compile)
+    for align in aligns:  # the model's own checks (DeRa's reference, the context) before any decoding
+        aligner.prepare_batch(inputs, align, config, system=system, raw=raw)
     results = {}
     for align in aligns:
         label = align.label
@@ -239,18 +175,6 @@ def generate(
         _show_side_by_side(console, [_title(p) for p in inputs], results)
 
 
-# Linear Alignment's quality options (docs/quality.md).
-KlBudgetOpt = Annotated[
-    float | None, typer.Option(help="Trust region: per token, the largest ratio <= --ratio within this KL (nats).")
-]
-RepeatGuardOpt = Annotated[int, typer.Option(help="Exclude tokens that would repeat an n-gram of the reply (0: off).")]
-MaskKindOpt = Annotated[str, typer.Option("--mask", help="Plausibility mask: top_p (paper), min_p or intersect.")]
-MinPOpt = Annotated[
-    float,
-    typer.Option("--plausibility-min-p", "--min-p", help="Threshold of --mask min_p, relative to the top token."),
-]
-
-
 def record(generation: Generation, align: AlignConfig) -> dict:
     """A generation's JSON record, with the weight of each principle (1 unless given) for every method that
     reads principles, so that it states what was decoded: only positively weighted principles are told to the
@@ -261,42 +185,16 @@ def record(generation: Generation, align: AlignConfig) -> dict:
     return out
 
 
-def _with_la_options(aligns: list, kl_budget: float | None, mask: str, min_p: float) -> list:
-    """Linear Alignment's own quality options set on its configs; the other methods stay as they are, so a
-    side-by-side comparison with prompting keeps working."""
-    if kl_budget is None and mask == "top_p":
-        return aligns
-    if not any(a.method == "la" for a in aligns):
-        raise LinalignError("--kl-budget and --mask act on Linear Alignment: add 'la' to --method")
-    options = {"kl_budget": kl_budget, "mask": mask, "plausibility_min_p": min_p}
-    return [replace(a, **options) if a.method == "la" else a for a in aligns]
-
-
-VARIANT_KEYS = ("ratio", "kl_budget", "repeat_guard", "mask", "plausibility_min_p")
-VARIANT_KEYS += ("dry_multiplier", "dry_base", "dry_allowed_length")  # the loop penalty (default breakers)
-
-
 def _variants(kl_budgets: str | None, repeat_guards: str | None, masks: str | None, variant: list[str]) -> list[dict]:
     """Quality-option variants for the eval sweep: one per listed value, and one per --variant, given as
-    'kl_budget=1,repeat_guard=3,mask=min_p,plausibility_min_p=0.05'."""
+    'kl_budget=1,repeat_guard=3,mask=min_p,plausibility_min_p=0.05' (`linalign.params.parse_options`)."""
     variants = [{"kl_budget": x} for x in _floats(kl_budgets or "", "--kl-budgets")]
     variants += [{"repeat_guard": int(x)} for x in _floats(repeat_guards or "", "--repeat-guards")]
     for m in (masks or "").split(","):
         if m.strip():
             kind, _, threshold = m.strip().partition(":")
             variants.append({"mask": kind} | ({"plausibility_min_p": float(threshold)} if threshold else {}))
-    for text in variant:
-        options: dict = {}
-        for part in text.split(","):
-            key, _, value = part.partition("=")
-            key = key.strip()
-            if key not in VARIANT_KEYS or not value.strip():
-                raise LinalignError(f"options are {'=, '.join(VARIANT_KEYS)}=, got {part!r}")
-            options[key] = value.strip() if key == "mask" else _floats(value, "--variant")[0]
-            if key in ("repeat_guard", "dry_allowed_length"):
-                options[key] = int(options[key])
-        variants.append(options)
-    return variants
+    return variants + [parse_options(text) for text in variant]
 
 
 def _title(prompt: str | Conversation) -> str:
@@ -330,9 +228,9 @@ def bench(
     from linalign.bench import run_benchmark, write_report
     from linalign.config import AlignConfig
 
-    extra = _variants(None, None, None, [options])[0] if options else None
+    extra = parse_options(options) if options else None
     if extra is not None:
-        AlignConfig(method="la", principles=["-"], **extra)  # bad values are refused before anything loads
+        AlignConfig(method="la", principles=None, **extra)  # bad values are refused before anything loads
 
     console = Console()
     with console.status("benchmarking", spinner="dots") as status:
@@ -491,8 +389,6 @@ def evaluate(
         raise LinalignError("give one --extra-weight for each --extra-principle")
     runs = settings.runs()  # validates methods and strengths before anything loads
     settings.decode()
-    if any(r.method == "dera" for r in runs) and ref_model is None:
-        raise LinalignError("method 'dera' needs --ref-model")
     tasks = build_tasks(
         suite, file=file, principle=principle, limit=limit, only=[x.strip() for x in only.split(",")] if only else None
     )

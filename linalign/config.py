@@ -1,7 +1,8 @@
 """Configuration objects: how to decode (`DecodeConfig`) and how to align (`AlignConfig`).
 
 Both validate on construction so that bad input fails before any model work, with a message
-that names the value and the rule.
+that names the value and the rule. Their knobs, and each knob's own rule, are declared in `linalign.params`;
+the rules that relate several knobs are here.
 
 The sampling rule, the same for the API, the CLI, the server and the evaluation: decoding is greedy unless
 `temperature > 0`; then it samples at that temperature. `top_p`, `top_k` and `seed` shape sampling only and
@@ -11,16 +12,13 @@ temperature 1.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from linalign.amulet import amulet_weights
 from linalign.errors import LinalignError
+from linalign.params import ALIGN, DECODE, DRY_BREAKERS, MASKS, MAX_SEED, METHOD, METHODS, check, check_all, configured
 
-METHODS = ("base", "prompt", "la", "dera", "amulet")
-DRY_BREAKERS = ("\n", ":", '"', "*")  # the soft loop penalty's default sequence breakers (DRY's)
-MASKS = ("top_p", "min_p", "intersect")
-MAX_SEED = 2**63
+__all__ = ["DRY_BREAKERS", "MASKS", "METHODS", "AlignConfig", "DecodeConfig", "row_seed"]
 
 
 def row_seed(seed: int | None, row: int) -> int | None:
@@ -28,61 +26,24 @@ def row_seed(seed: int | None, row: int) -> int | None:
     return None if seed is None else (seed + row) % MAX_SEED
 
 
-def _finite(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LinalignError(f"{name} must be a finite number, got {value!r}")
-
-
-def _integer(name: str, value: int, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise LinalignError(f"{name} must be an integer {bound}, got {value!r}")
-
-
-@dataclass
+@configured(DECODE)
 class DecodeConfig:
-    """Decoding parameters, with the meaning they have in `transformers.GenerationConfig`; see the module
-    docstring for when decoding samples. `logprobs` asks for the log-probability of each chosen token and
-    that many top alternatives (0: the chosen token's only)."""
-
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    logprobs: int | None = None
+    """Decoding parameters (`linalign.params.DECODE`), with the meaning they have in
+    `transformers.GenerationConfig`; see the module docstring for when decoding samples. `logprobs` asks for the
+    log-probability of each chosen token and that many top alternatives (0: the chosen token's only)."""
 
     def __post_init__(self) -> None:
-        _integer("max_new_tokens", self.max_new_tokens, 1)
-        _integer("min_new_tokens", self.min_new_tokens, 0)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        check_all(vars(self), DECODE)
         if self.min_new_tokens > self.max_new_tokens:
             raise LinalignError(
                 f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
-                f"got {self.min_new_tokens!r}"
+                f"got {self.min_new_tokens!r}",
+                param="min_new_tokens",
             )
-        _finite("temperature", self.temperature)
-        if self.temperature < 0:
-            raise LinalignError(f"temperature must be >= 0 (0 is greedy decoding), got {self.temperature!r}")
-        _finite("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise LinalignError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        _integer("top_k", self.top_k, 0)
-        _finite("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise LinalignError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        _integer("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise LinalignError("stop strings must be non-empty strings")
-        if self.seed is not None:
-            _integer("seed", self.seed, 0, MAX_SEED)
-        if self.logprobs is not None:
-            _integer("logprobs", self.logprobs, 0, 21)
+            raise LinalignError("stop strings must be non-empty strings", param="stop")
         if not self.do_sample:  # the sampling rule: these shape sampling only
             self.top_p, self.top_k, self.seed = 1.0, 0, None
 
@@ -96,7 +57,7 @@ class DecodeConfig:
         return self.temperature if self.do_sample else 1.0
 
 
-@dataclass
+@configured(ALIGN)
 class AlignConfig:
     """Which method to decode with and its strength.
 
@@ -133,108 +94,65 @@ class AlignConfig:
     """
 
     method: str = "la"
-    principles: list[str] = field(default_factory=list)
-    ratio: float = 2.0
-    weights: list[float] | None = None
-    lam: float = 1.0
-    plausibility_top_p: float = 0.8
-    amulet_iterations: int = 60
-    amulet_eta: float = 10.0
-    amulet_alpha: float = 2.0
-    amulet_lambda: float = 2.0
-    kl_budget: float | None = None
-    repeat_guard: int = 0
-    mask: str = "top_p"
-    plausibility_min_p: float = 0.1
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_breakers: list[str] = field(default_factory=lambda: list(DRY_BREAKERS))
+    principles: list[str] | None = field(default_factory=list)  # None: given with each prompt (eval's runs)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise LinalignError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        check(METHOD, self.method)
         if isinstance(self.principles, str):
             self.principles = [self.principles]
-        for i, p in enumerate(self.principles):
-            if not isinstance(p, str) or not p.strip():
-                raise LinalignError(f"principle {i + 1} is blank; give a non-empty text or leave it out")
-        if self.method in ("prompt", "la", "amulet") and not self.principles:
-            raise LinalignError(f"method {self.method!r} needs a principle")
-        if self.method == "amulet" and len(self.principles) > 1:
-            raise LinalignError(f"method 'amulet' takes one principle, got {len(self.principles)}")
-        _finite("ratio", self.ratio)
-        if self.ratio < 0:
-            raise LinalignError(f"ratio must be >= 0 (0 is plain principle prompting), got {self.ratio!r}")
-        _finite("lam", self.lam)
-        _finite("plausibility_top_p", self.plausibility_top_p)
-        if not 0 <= self.plausibility_top_p <= 1:
-            raise LinalignError(
-                f"plausibility_top_p must be in [0, 1] (0 or 1 disables the mask), got {self.plausibility_top_p!r}"
-            )
-        if self.weights is not None:
-            if len(self.weights) != len(self.principles):
-                raise LinalignError(
-                    f"got {len(self.weights)} weights for {len(self.principles)} principles; give one weight each"
-                )
-            for w in self.weights:
-                _finite("weight", w)
-        _integer("amulet_iterations", self.amulet_iterations, 0)
-        for name in ("amulet_eta", "amulet_alpha", "amulet_lambda"):
-            value = getattr(self, name)
-            _finite(name, value)
-            if value <= 0:
-                raise LinalignError(f"{name} must be > 0, got {value!r}")
+        if isinstance(self.dry_breakers, str):
+            self.dry_breakers = [self.dry_breakers]
+        check_all(vars(self), ALIGN)
+        if self.principles is not None:
+            self._check_principles()
         self._check_quality_options()
 
+    def _check_principles(self) -> None:
+        for i, p in enumerate(self.principles):
+            if not isinstance(p, str) or not p.strip():
+                raise LinalignError(
+                    f"principle {i + 1} is blank; give a non-empty text or leave it out", param="principles"
+                )
+        if self.method in ("prompt", "la", "amulet") and not self.principles:
+            raise LinalignError(f"method {self.method!r} needs a principle", param="principles")
+        if self.method == "amulet" and len(self.principles) > 1:
+            raise LinalignError(f"method 'amulet' takes one principle, got {len(self.principles)}", param="principles")
+        if self.weights is not None and len(self.weights) != len(self.principles):
+            raise LinalignError(
+                f"got {len(self.weights)} weights for {len(self.principles)} principles; give one weight each",
+                param="weights",
+            )
+
     def _check_quality_options(self) -> None:
-        if self.kl_budget is not None:
-            _finite("kl_budget", self.kl_budget)
-            if self.kl_budget <= 0:
-                raise LinalignError(
-                    f"kl_budget must be > 0 (nats; leave it unset for a fixed ratio), got {self.kl_budget!r}"
-                )
-            if self.method != "la":
-                raise LinalignError(f"kl_budget applies to Linear Alignment (method 'la'), not {self.method!r}")
-            if not self.mask_enabled:
-                raise LinalignError(
-                    "kl_budget is measured on the plausibility mask's tokens; it needs a plausibility_top_p in "
-                    f"(0, 1), got {self.plausibility_top_p!r}"
-                )
-        _integer("repeat_guard", self.repeat_guard, 0)
+        if self.kl_budget is not None and self.method != "la":
+            raise LinalignError(
+                f"kl_budget applies to Linear Alignment (method 'la'), not {self.method!r}", param="kl_budget"
+            )
+        if self.kl_budget is not None and not self.mask_enabled:
+            raise LinalignError(
+                "kl_budget is measured on the plausibility mask's tokens; it needs a plausibility_top_p in "
+                f"(0, 1), got {self.plausibility_top_p!r}",
+                param="kl_budget",
+            )
         if self.repeat_guard == 1:
-            raise LinalignError("repeat_guard must be 0 (off) or an n-gram size >= 2, got 1")
-        if self.mask not in MASKS:
-            raise LinalignError(f"unknown mask {self.mask!r}; choose one of {', '.join(MASKS)}")
-        _finite("plausibility_min_p", self.plausibility_min_p)
-        if not 0 < self.plausibility_min_p <= 1:
-            raise LinalignError(f"plausibility_min_p must be in (0, 1], got {self.plausibility_min_p!r}")
+            raise LinalignError("repeat_guard must be 0 (off) or an n-gram size >= 2, got 1", param="repeat_guard")
         if self.mask != "top_p" and not self.mask_enabled:
             raise LinalignError(
                 f"mask {self.mask!r} contradicts plausibility_top_p={self.plausibility_top_p!r}, which turns the "
-                "mask off; give a plausibility_top_p in (0, 1) or leave the mask at 'top_p'"
+                "mask off; give a plausibility_top_p in (0, 1) or leave the mask at 'top_p'",
+                param="mask",
             )
         if self.mask == "intersect" and self.method != "la":
-            raise LinalignError(f"mask 'intersect' needs the plain context of Linear Alignment, not {self.method!r}")
-        self._check_loop_penalty()
-
-    def _check_loop_penalty(self) -> None:
-        _finite("dry_multiplier", self.dry_multiplier)
-        if not 0 <= self.dry_multiplier <= 100:
             raise LinalignError(
-                f"dry_multiplier must be in [0, 100] (0 turns the penalty off), got {self.dry_multiplier!r}"
+                f"mask 'intersect' needs the plain context of Linear Alignment, not {self.method!r}", param="mask"
             )
-        _finite("dry_base", self.dry_base)
-        if not 1 <= self.dry_base <= 10:
-            raise LinalignError(f"dry_base must be in [1, 10], got {self.dry_base!r}")
-        _integer("dry_allowed_length", self.dry_allowed_length, 1, 65)
-        if isinstance(self.dry_breakers, str):
-            self.dry_breakers = [self.dry_breakers]
         self.dry_breakers = list(self.dry_breakers)
         if len(self.dry_breakers) > 16 or any(
             not isinstance(b, str) or not b or len(b) > 16 for b in self.dry_breakers
         ):
-            raise LinalignError("dry_breakers must be at most 16 non-empty strings of at most 16 characters")
+            raise LinalignError(
+                "dry_breakers must be at most 16 non-empty strings of at most 16 characters", param="dry_breakers"
+            )
 
     @property
     def quality_options(self) -> dict[str, float | int | str]:

@@ -124,19 +124,37 @@ class Aligner:
         The result can be decoded by `decode` or added to a running `Decoder` (as the server does).
         """
         conversation = to_conversation(prompt)
+        if align.principles is None:
+            raise LinalignError("this configuration takes its principles with each prompt (principles=...)")
         plan = make_plan(align)
-        if 1 in plan.models and self.reference is None:
-            raise LinalignError("method 'dera' needs a reference model (reference=... / --ref-model)")
+        if align.method == "dera" and self.reference is None:  # at any lam, so that a sweep's runs agree
+            raise LinalignError(
+                "method 'dera' needs a reference model: Aligner(reference=...); on the command line and the server, "
+                "it needs --ref-model",
+                param="method",
+            )
         loaded = (self.main, self.reference)
         term_ids = [build_ids(loaded[t.model].tokenizer, conversation, t.principle, system, raw) for t in plan.terms]
-        for t, ids in zip(plan.terms, term_ids, strict=True):
-            limit = loaded[t.model].context_length
-            if limit is not None and len(ids) + config.max_new_tokens > limit:
-                raise LinalignError(
-                    f"the prompt is {len(ids)} tokens; with max_new_tokens={config.max_new_tokens} it exceeds "
-                    f"the model's context of {limit} tokens"
-                )
-        return Prepared(plan, term_ids, config, seed=seed if seed is not None else config.seed)
+        prepared = Prepared(plan, term_ids, config, seed=seed if seed is not None else config.seed)
+        fit = self.room(prepared)
+        if fit is not None and config.max_new_tokens > fit[0]:
+            left, limit = fit
+            raise LinalignError(
+                f"the prompt is {limit - left} tokens; with max_new_tokens={config.max_new_tokens} it exceeds "
+                f"the model's context of {limit} tokens"
+            )
+        return prepared
+
+    def room(self, prepared: Prepared) -> tuple[int, int] | None:
+        """(tokens left to generate, the model's context length) in `prepared`'s tightest context; None where no
+        model limits its context."""
+        loaded = (self.main, self.reference)
+        fits = [
+            (limit - len(ids), limit)
+            for t, ids in zip(prepared.plan.terms, prepared.term_ids, strict=True)
+            if (limit := loaded[t.model].context_length) is not None
+        ]
+        return min(fits, default=None)
 
     def prepare_batch(
         self,

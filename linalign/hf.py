@@ -29,6 +29,7 @@ from linalign.errors import LinalignError
 from linalign.methods import make_plan
 from linalign.step import Chain, Row, Step, term_weights
 
+GENERATES = "(the principled prompt: generate's input)"
 # generate applies these to the principled logits before any user processor; the plain ones would miss them.
 _PRE_PROCESSING = ("repetition_penalty", "no_repeat_ngram_size", "encoder_repetition_penalty", "bad_words_ids")
 
@@ -50,8 +51,9 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
         unknown = sorted(set(options) - {"repeat_guard", "kl_budget", "mask", "plausibility_min_p"})
         if unknown:
             raise LinalignError(f"unknown option(s) {', '.join(unknown)} of LinearAlignmentLogitsProcessor")
+        # One principle, whose context is generate's own input: the plan needs no text of it.
         config = AlignConfig(
-            method="la", principles=["-"], ratio=ratio, plausibility_top_p=plausibility_top_p, **options
+            method="la", principles=[GENERATES], ratio=ratio, plausibility_top_p=plausibility_top_p, **options
         )
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise LinalignError(f"temperature must be a finite number > 0, got {temperature!r}")

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from linalign.config import AlignConfig, DecodeConfig
 from linalign.errors import LinalignError
 from linalign.evaluation.runner import check_settings, open_for_append, read_records, task_seed
+from linalign.params import for_method
 from linalign.prompts import to_conversation
 from linalign.resolve import parse_methods
 
@@ -60,8 +61,7 @@ class JobSettings:
     compile: bool = False
     methods: list[str] = field(default_factory=lambda: ["la"])
     principles: list[str] = field(default_factory=list)  # for records that bring none
-    knobs: dict = field(default_factory=dict)  # AlignConfig fields of every method: ratio, weights, lam, ...
-    la_options: dict = field(default_factory=dict)  # Linear Alignment's quality options: kl_budget, mask, ...
+    knobs: dict = field(default_factory=dict)  # AlignConfig's knobs, each given to the methods that read it
     decode: dict = field(default_factory=dict)  # DecodeConfig fields
     system: str | None = None
     raw: bool = False
@@ -110,7 +110,7 @@ def resolve(settings: JobSettings, record: dict, method: str, record_id: str | i
             raise LinalignError("'prompt' is empty")
     else:
         prompt = to_conversation(_typed(record, "messages", list, "a list of {role, content} messages"))
-    knobs = dict(settings.knobs)
+    knobs = for_method(method, settings.knobs)  # the job's knobs that this method reads; the record's own as given
     principles = settings.principles
     if "principle" in record and "principles" in record:
         raise LinalignError("give 'principle' or 'principles', not both")
@@ -124,8 +124,7 @@ def resolve(settings: JobSettings, record: dict, method: str, record_id: str | i
         knobs["weights"] = _typed(record, "weights", list, "a list of numbers")
     if "ratio" in record:
         knobs["ratio"] = _typed(record, "ratio", (int, float), "a number")
-    options = settings.la_options if method == "la" else {}
-    align = AlignConfig(method=method, principles=list(principles), **knobs, **options)
+    align = AlignConfig(method=method, principles=list(principles), **knobs)
     config = settings.decode_config()
     if "max_tokens" in record:
         config = replace(config, max_new_tokens=_typed(record, "max_tokens", int, "an integer"))

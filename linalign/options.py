@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import wraps
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,6 +19,8 @@ except ImportError:  # pragma: no cover - older typer, on click itself
     from click import exceptions as click_errors
 
 from linalign.errors import LinalignError
+from linalign.params import KNOBS, Knob
+from linalign.resolve import unescape
 
 err_console = Console(stderr=True)
 
@@ -40,36 +43,47 @@ CompileOpt = Annotated[
 PrincipleOpt = Annotated[
     list[str] | None, typer.Option("--principle", "-p", help="The preference to follow; repeat for several.")
 ]
-WeightOpt = Annotated[
-    list[float] | None,
-    typer.Option("--weight", help="One weight per --principle, scaling the ratio: c = w (1 + ratio); default 1."),
-]
-RatioOpt = Annotated[float, typer.Option(help="Linear Alignment step size r in l_p + r (l_p - l_0).")]
-LamOpt = Annotated[float, typer.Option("--lam", help="DeRa weight of the aligned model (1 - lam on the reference).")]
-AmuletItersOpt = Annotated[int, typer.Option(help="Amulet: iterations per token (0 is plain prompting).")]
-AmuletEtaOpt = Annotated[float, typer.Option(help="Amulet: learning rate eta.")]
-AmuletAlphaOpt = Annotated[float, typer.Option(help="Amulet: reward scale alpha.")]
-AmuletLambdaOpt = Annotated[float, typer.Option(help="Amulet: multiplier lambda of the pull to the principled policy.")]
-MaskOpt = Annotated[float, typer.Option(help="Nucleus of the principled distribution kept; 0 or 1 disables.")]
-MaxNewOpt = Annotated[int, typer.Option(help="Tokens to generate at most.")]
 SystemOpt = Annotated[str | None, typer.Option(help="A base system prompt kept in every context.")]
 RawOpt = Annotated[bool, typer.Option("--raw", help="Plain text prompts, no chat template (base models).")]
-TemperatureOpt = Annotated[float | None, typer.Option(help="Sample at this temperature (> 0); greedy without it.")]
-TopPOpt = Annotated[float | None, typer.Option(help="Sampling nucleus (with --temperature).")]
-TopKOpt = Annotated[int | None, typer.Option(help="Sampling top-k (with --temperature).")]
-SeedOpt = Annotated[int | None, typer.Option(help="Sampling seed; prompt i gets seed + i (with --temperature).")]
-StopOpt = Annotated[list[str] | None, typer.Option("--stop", help=r"Stop string, C escapes read (\n); repeatable.")]
-RepetitionOpt = Annotated[float, typer.Option(help="transformers' repetition penalty on the combined logits.")]
-# The soft loop penalty (DRY, docs/quality.md): any method, on the combined logits.
-DryMultiplierOpt = Annotated[
-    float | None, typer.Option(help="Loop penalty: a repeat of L >= allowed tokens costs m * base^(L - allowed).")
-]
-DryBaseOpt = Annotated[float | None, typer.Option(help="Loop penalty's base (default 1.75).")]
-DryAllowedOpt = Annotated[int | None, typer.Option(help="Loop penalty's allowed repeat length (default 2).")]
-DryBreakerOpt = Annotated[
-    list[str] | None,
-    typer.Option("--dry-breaker", help="Ends a repeat (default: newline, colon, double quote, asterisk); repeatable."),
-]
+
+
+def knob_option(knob: Knob) -> Any:
+    """A knob's option (`linalign.params`): its flags and help; unset (`None`) where it is optional or a list."""
+    kind = list[knob.type] if knob.many else knob.type
+    return Annotated[kind | None if knob.optional or knob.many else kind, typer.Option(*knob.cli_flags, help=knob.help)]
+
+
+def knob_options(knobs: Sequence[Knob]) -> Callable[[Callable], Callable]:
+    """One option per knob added to a command, handed to it as one dict, `knobs`, in which list knobs' texts
+    have their C escapes read (`--stop "\\n"`)."""
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "knobs"]
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        added = [
+            inspect.Parameter(k.name, keyword, default=None if k.many else k.default, annotation=knob_option(k))
+            for k in knobs
+        ]
+
+        @wraps(command)
+        def with_knobs(*args, **kwargs):
+            values = {k.name: kwargs.pop(k.name) for k in knobs}
+            for k in knobs:
+                if k.many and k.type is str and values[k.name]:
+                    values[k.name] = [unescape(text) for text in values[k.name]]
+            return command(*args, knobs=values, **kwargs)
+
+        with_knobs.__signature__ = signature.replace(parameters=[*own, *added])
+        return with_knobs
+
+    return decorate
+
+
+RatioOpt = knob_option(KNOBS["ratio"])
+MaskOpt = knob_option(KNOBS["plausibility_top_p"])
+MaxNewOpt = knob_option(KNOBS["max_new_tokens"])
+TemperatureOpt = Annotated[float | None, typer.Option(help=KNOBS["temperature"].help)]  # eval's: None is greedy
 
 
 def exits_cleanly(command: Callable) -> Callable:

@@ -1,17 +1,19 @@
-"""One resolver from what a user typed (CLI options, an HTTP body, evaluation settings) to configurations.
+"""One resolver from what a user typed (CLI options, an HTTP body, a job's records) to configurations.
 
-The CLI, the server and the evaluation all build their `AlignConfig`s and `DecodeConfig` here, so the
-method names, the sampling rule (`linalign.config`), the blank-principle policy and the defaults are the
-same everywhere; the configurations validate themselves.
+The CLI, the server and the batch jobs all build their `AlignConfig`s and `DecodeConfig` here, so the
+method names, the sampling rule (`linalign.config`), the blank-principle policy, the defaults and which method
+reads which knob (`linalign.params`) are the same everywhere; errors name the knob (`LinalignError.param`).
 """
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from linalign.config import METHODS, AlignConfig, DecodeConfig
+from linalign.config import AlignConfig, DecodeConfig
 from linalign.errors import LinalignError
+from linalign.params import ALIGN, METHOD, METHODS, check, check_all, for_method, unread
 
 
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
@@ -20,15 +22,19 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
     if not names:
         raise LinalignError(f"name at least one method: {', '.join(METHODS)}")
     for name in names:
-        if name not in METHODS:
-            raise LinalignError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        check(METHOD, name)
     return names
 
 
-def align_configs(methods: Sequence[str], principles: Sequence[str] | None, **knobs) -> list[AlignConfig]:
-    """One `AlignConfig` per method with the same principles and knobs (`None` knobs take the defaults)."""
-    settings = {k: v for k, v in knobs.items() if v is not None}
-    return [AlignConfig(method=m, principles=list(principles or []), **settings) for m in methods]
+def align_configs(
+    methods: Sequence[str], principles: Sequence[str] | None, knobs: Mapping[str, Any]
+) -> list[AlignConfig]:
+    """One `AlignConfig` per method with the same principles, each with the knobs its method reads (`None`
+    knobs take the defaults); a knob set away from its default that none of the methods reads is refused."""
+    values = {k: v for k, v in knobs.items() if v is not None}
+    check_all(values, ALIGN)
+    unread(methods, values)
+    return [AlignConfig(method=m, principles=list(principles or []), **for_method(m, values)) for m in methods]
 
 
 def unescape(text: str) -> str:

@@ -22,6 +22,7 @@ from linalign.errors import LinalignError
 from linalign.evaluation.judges import RewardModel
 from linalign.evaluation.metrics import distinct_n, perplexities, repeated_ngram_rate
 from linalign.evaluation.suites import Task
+from linalign.params import KNOBS
 from linalign.prompts import build_ids
 from linalign.resolve import decode_config, parse_methods
 
@@ -39,7 +40,7 @@ class EvalSettings:
     ratios: list[float] = field(default_factory=lambda: [2.0])
     lams: list[float] = field(default_factory=lambda: [1.0])
     max_new_tokens: int = 64
-    plausibility_top_p: float = 0.8
+    plausibility_top_p: float = KNOBS["plausibility_top_p"].default
     system: str | None = None
     seed: int | None = None
     temperature: float | None = None
@@ -73,12 +74,9 @@ class EvalSettings:
                 knob = {"lam": s} if method == "dera" else {"ratio": s} if s is not None else {}
                 if method == "la" and self.extra_principles:
                     knob["weights"] = [1.0, *self.extra_weights]
-                # Each task brings its own principle; these placeholders only satisfy validation.
-                placeholders = ["-"] * (1 + len(self.extra_principles) * (method == "la"))
+                # Each task brings its own principles: the configuration takes them with each prompt.
                 configs.append(
-                    AlignConfig(
-                        method=method, principles=placeholders, plausibility_top_p=self.plausibility_top_p, **knob
-                    )
+                    AlignConfig(method=method, principles=None, plausibility_top_p=self.plausibility_top_p, **knob)
                 )
         return configs
 
@@ -96,14 +94,10 @@ def task_seed(seed: int | None, task_id: str) -> int | None:
 
 
 def configs_la(settings: EvalSettings) -> AlignConfig:
-    """Linear Alignment as the sweep runs it (placeholder principles, the extra ones, the mask)."""
+    """Linear Alignment as the sweep runs it (the extra principles' weights, the mask; the principles come with
+    each task)."""
     knob = {"weights": [1.0, *settings.extra_weights]} if settings.extra_principles else {}
-    return AlignConfig(
-        method="la",
-        principles=["-"] * (1 + len(settings.extra_principles)),
-        plausibility_top_p=settings.plausibility_top_p,
-        **knob,
-    )
+    return AlignConfig(method="la", principles=None, plausibility_top_p=settings.plausibility_top_p, **knob)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -217,10 +211,25 @@ def local_evaluator(
 
     def execute(units: list[Unit]) -> Iterator[list[dict]]:
         config = settings.decode()
+        for align, batch in {id(align): (align, batch) for align, batch in units}.values():
+            aligner.prepare_batch(**_request(align, batch[:1], config, settings))  # the model's checks, up front
         for align, batch in units:
             yield _evaluate_batch(aligner, align, batch, config, settings, fluency, reward_model)
 
     return execute
+
+
+def _request(align: AlignConfig, batch: list[Task], config: DecodeConfig, settings: EvalSettings) -> dict:
+    """The arguments of `Aligner.generate` (and `prepare_batch`) for one batch under one run."""
+    extras = settings.extra_principles if align.method == "la" else []
+    return {
+        "prompts": [t.prompt for t in batch],
+        "align": align,
+        "config": config,
+        "system": settings.system,
+        "principles": [[t.principle, *extras] for t in batch],
+        "seeds": [task_seed(config.seed, t.id) for t in batch] if config.do_sample else None,
+    }
 
 
 def _evaluate_batch(
@@ -232,15 +241,7 @@ def _evaluate_batch(
     fluency: bool,
     reward_model: RewardModel | None,
 ) -> list[dict]:
-    extras = settings.extra_principles if align.method == "la" else []
-    generations = aligner.generate(
-        [t.prompt for t in batch],
-        align,
-        config,
-        system=settings.system,
-        principles=[[t.principle, *extras] for t in batch],
-        seeds=[task_seed(config.seed, t.id) for t in batch] if config.do_sample else None,
-    )
+    generations = aligner.generate(**_request(align, batch, config, settings))
     ppl: list[float | None] = [None] * len(batch)
     if fluency:
         eos = set(aligner.tokenizer.all_special_ids)

@@ -29,11 +29,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from linalign.config import AlignConfig, DecodeConfig, row_seed
-from linalign.decode import TopLogprobs
+from linalign.decode import Prepared, TopLogprobs
 from linalign.engine import Aligner
 from linalign.errors import LinalignError
+from linalign.params import DECODE, KNOBS, MAX_STRENGTH, check, for_method
 from linalign.prompts import Conversation, to_conversation
-from linalign.resolve import decode_config
+from linalign.resolve import align_configs, decode_config
 from linalign.serve.batcher import (
     Batcher,
     Completion,
@@ -45,7 +46,7 @@ from linalign.serve.batcher import (
 )
 from linalign.serve.metrics import ServerMetrics
 from linalign.serve.playground import mount_playground
-from linalign.serve.schemas import MAX_LOGPROB_ENTRIES, MAX_STRENGTH, ChatCompletionRequest, LinalignOptions
+from linalign.serve.schemas import MAX_LOGPROB_ENTRIES, ChatCompletionRequest
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -75,34 +76,37 @@ class _JSON(JSONResponse):
 
 
 @contextmanager
-def _invalid(param: str | None, fields: tuple[str, ...] = ()) -> Iterator[None]:
-    """Answer the engine's validation errors as a 400 about `param`, or about `param.field` (`field` alone when
-    `param` is None) where the message begins with the name of one of `fields` ("ratio must be >= 0...")."""
+def _invalid(param: str | None) -> Iterator[None]:
+    """Answer the engine's validation errors as a 400 about the request field the error names (an alignment
+    knob under `linalign`, a decoding one by its OpenAI name), else about `param`."""
     try:
         yield
     except LinalignError as err:
-        message = str(err)
-        field = next((f for f in fields if re.match(rf"{f}\b", message)), None)
-        if field is not None:
-            param = field if param is None else f"{param}.{field}"
-        raise APIError(400, message, param) from err
+        raise APIError(400, str(err), _request_param(err.param) or param) from err
+
+
+def _request_param(name: str | None) -> str | None:
+    """A knob's field in the request: a decoding knob's OpenAI name, an alignment knob's under `linalign`."""
+    if name is None:
+        return None
+    return {k.name: k.request or k.name for k in DECODE}.get(name, f"linalign.{name}")
 
 
 def _align(
     body: ChatCompletionRequest, messages: Conversation, system_as_principle: bool, ratio: float
 ) -> tuple[AlignConfig, Conversation]:
     options = body.linalign
-    if options is not None:
-        fields = {"ratio": ratio} | options.model_dump(exclude_none=True, exclude={"principle", "principles"})
-        with _invalid("linalign", tuple(f for f in LinalignOptions.model_fields if f != "method")):
-            return AlignConfig(principles=options.principle_list(), **fields), messages
-    if system_as_principle and messages[0]["role"] == "system" and messages[0]["content"].strip():
-        return AlignConfig(method="la", principles=[messages[0]["content"]], ratio=ratio), messages[1:]
+    with _invalid("linalign"):
+        if options is not None:
+            knobs = for_method(options.method, {"ratio": ratio}) | options.knobs()
+            return align_configs([options.method], options.principle_list(), knobs)[0], messages
+        if system_as_principle and messages[0]["role"] == "system" and messages[0]["content"].strip():
+            return align_configs(["la"], [messages[0]["content"]], {"ratio": ratio})[0], messages[1:]
     return AlignConfig(method="base"), messages
 
 
 def _decode(body: ChatCompletionRequest, max_new_tokens: int) -> DecodeConfig:
-    with _invalid(None, ("temperature", "top_p", "seed", "stop", "top_logprobs")):
+    with _invalid(None):
         return decode_config(
             max_new_tokens,
             temperature=body.temperature,
@@ -113,19 +117,18 @@ def _decode(body: ChatCompletionRequest, max_new_tokens: int) -> DecodeConfig:
         )
 
 
-def _max_tokens(aligner: Aligner, prompt_tokens: int, requested: int | None) -> int:
-    limits = [m.context_length for m in (aligner.main, aligner.reference) if m is not None and m.context_length]
-    if not limits:
+def _max_tokens(aligner: Aligner, prepared: Prepared, requested: int | None) -> int:
+    fit = aligner.room(prepared)
+    if fit is None:
         return requested or DEFAULT_MAX_TOKENS
-    context = min(limits)
-    room = context - prompt_tokens
+    left, context = fit
     if requested is None:
-        return min(DEFAULT_MAX_TOKENS, room)
-    if requested > room:
+        return min(DEFAULT_MAX_TOKENS, left)
+    if requested > left:
         raise APIError(
             400,
-            f"max_tokens={requested} exceeds the context: the prompt takes {prompt_tokens} of the model's "
-            f"{context} tokens, leaving {room}",
+            f"max_tokens={requested} exceeds the context: the prompt takes {context - left} of the model's "
+            f"{context} tokens, leaving {left}",
             "max_tokens",
         )
     return requested
@@ -146,10 +149,6 @@ def build_job(
     with _invalid("messages"):
         messages = to_conversation([m.as_dict() for m in body.messages])
     align, messages = _align(body, messages, system_as_principle, ratio)
-    if align.method == "dera" and aligner.reference is None:
-        raise APIError(
-            400, "method 'dera' needs a reference model: start the server with --ref-model", "linalign.method"
-        )
     probe = _decode(body, 1)
     if body.n > 1 and not probe.do_sample:
         raise APIError(400, "n > 1 needs temperature > 0: greedy copies would all be the same", "n")
@@ -162,9 +161,8 @@ def build_job(
         )
     with _invalid("messages"):  # a prompt too long for the context
         prepared = aligner.prepare(messages, align, probe)
-    longest = max(len(ids) for ids in prepared.term_ids)
     requested = body.max_completion_tokens or body.max_tokens
-    config = replace(probe, max_new_tokens=_max_tokens(aligner, longest, requested))
+    config = replace(probe, max_new_tokens=_max_tokens(aligner, prepared, requested))
     entries = body.n * config.max_new_tokens * (body.top_logprobs or 0)
     if entries > MAX_LOGPROB_ENTRIES:
         raise APIError(
@@ -419,8 +417,7 @@ def check_options(
             raise LinalignError(f"{name} must be >= 1, got {value}")
     if request_timeout is not None and not request_timeout > 0:
         raise LinalignError(f"request_timeout must be > 0 seconds, got {request_timeout}")
-    with _invalid(None):
-        AlignConfig(method="la", principles=["probe"], ratio=ratio)  # a bad --ratio fails at start, not per request
+    check(KNOBS["ratio"], ratio)  # a bad --ratio fails at start, not per request
     if ratio > MAX_STRENGTH:
         raise LinalignError(f"ratio must be at most {MAX_STRENGTH:g}, as in a request, got {ratio}")
 

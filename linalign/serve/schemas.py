@@ -6,12 +6,22 @@ the limits are named in the 400 a request over them gets.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
-from linalign.config import MASKS, METHODS
+from linalign.params import ALIGN, KNOBS, MAX_PRINCIPLES, METHODS, Knob, request_type
 
 
 def _encodable(text: str) -> str:
@@ -35,23 +45,15 @@ def _not_blank(text: str) -> str:
     return text
 
 
-MAX_PRINCIPLES = 16
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
-MAX_STRENGTH = 100.0
-MAX_AMULET_ITERATIONS = 1000
-MAX_TOP_LOGPROBS = 20
+MAX_TOP_LOGPROBS = KNOBS["logprobs"].limits["le"]
 # n x max_tokens x top_logprobs at most: each alternative is an entry of the response (three per token for
 # methods with a principled and a plain context), so this bounds what a request can make the server write.
 MAX_LOGPROB_ENTRIES = 1 << 16
 
 Text = Annotated[str, AfterValidator(_encodable)]
-Finite = Annotated[float, Field(allow_inf_nan=False)]
 Principle = Annotated[str, AfterValidator(_encodable), AfterValidator(_not_blank)]
-Strength = Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)]
-# Linear Alignment's step size: r >= 0 as in the paper (r = 0 is plain principle prompting); to push away from a
-# principle, give it a negative weight.
-Ratio = Annotated[float, Field(ge=0, le=MAX_STRENGTH, allow_inf_nan=False)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
@@ -79,10 +81,11 @@ class Message(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class LinalignOptions(BaseModel):
-    """How to align, sent by the official client as `extra_body={"linalign": {...}}`.
+class _Options(BaseModel):
+    """How to align, sent by the official client as `extra_body={"linalign": {...}}`: the method, the principles
+    and every knob of `linalign.params.ALIGN` (`LinalignOptions`).
 
-    Unset strengths fall back to the server's `--ratio` and `AlignConfig`'s defaults.
+    Unset knobs fall back to the server's `--ratio` and the knobs' defaults.
     """
 
     model_config = ConfigDict(extra="forbid")  # a misspelt knob must fail, not silently use a default
@@ -90,33 +93,33 @@ class LinalignOptions(BaseModel):
     method: Literal[METHODS] = "la"
     principle: Principle | None = None
     principles: list[Principle] | None = Field(None, max_length=MAX_PRINCIPLES)
-    weights: list[Strength] | None = Field(None, max_length=MAX_PRINCIPLES)
-    ratio: Ratio | None = None
-    lam: Strength | None = None
-    plausibility_top_p: Finite | None = None
-    amulet_iterations: int | None = Field(None, ge=0, le=MAX_AMULET_ITERATIONS)
-    amulet_eta: Finite | None = None
-    amulet_alpha: Finite | None = None
-    amulet_lambda: Finite | None = None
-    # Linear Alignment's quality options (docs/quality.md); AlignConfig checks them.
-    kl_budget: Finite | None = None
-    repeat_guard: int | None = Field(None, ge=0, le=16)
-    mask: Literal[MASKS] | None = None
-    plausibility_min_p: Finite | None = None
-    # The soft loop penalty (DRY; any method); AlignConfig checks the values.
-    dry_multiplier: float | None = None
-    dry_base: float | None = None
-    dry_allowed_length: int | None = None
-    dry_breakers: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = Field(None, max_length=16)
 
     @model_validator(mode="after")
-    def _one_way_to_give_principles(self) -> LinalignOptions:
+    def _one_way_to_give_principles(self) -> _Options:
         if self.principle is not None and self.principles is not None:
             raise ValueError("give either principle or principles, not both")
         return self
 
     def principle_list(self) -> list[str]:
         return [self.principle] if self.principle is not None else list(self.principles or [])
+
+    def knobs(self) -> dict:
+        """The knobs the request sets."""
+        return self.model_dump(exclude_none=True, exclude={"method", "principle", "principles"})
+
+
+def options_schema(knobs: Sequence[Knob] = ALIGN) -> type[_Options]:
+    """The `linalign` object with one field per knob, under the knob's request limits."""
+    fields = {k.name: (request_type(k), None) for k in knobs}
+    return create_model("LinalignOptions", __base__=_Options, __doc__=_Options.__doc__, **fields)
+
+
+LinalignOptions = options_schema()
+Temperature = request_type(KNOBS["temperature"])
+TopP = request_type(KNOBS["top_p"])
+Seed = request_type(KNOBS["seed"])
+TopLogprobs = request_type(KNOBS["logprobs"])
+MaxTokens = request_type(KNOBS["max_new_tokens"])
 
 
 class StreamOptions(BaseModel):
@@ -128,17 +131,17 @@ class ChatCompletionRequest(BaseModel):
 
     model: Text | None = None
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
-    top_p: Finite | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    max_tokens: MaxTokens = None
+    max_completion_tokens: MaxTokens = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    seed: Seed = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: TopLogprobs = None
     # Accepted by the schema only to be refused with a clear message naming the field, not silently ignored.
     tools: list | None = None
     tool_choice: str | dict | None = None
