@@ -11,7 +11,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from linalign.config import DecodeConfig
 from linalign.errors import LinalignError
 from linalign.kernels import describe
 from linalign.options import (
@@ -35,7 +34,7 @@ from linalign.options import (
 )
 from linalign.params import ALIGN, DECODE, KNOBS, parse_options
 from linalign.prompts import Conversation, parse_conversations
-from linalign.resolve import align_configs, parse_methods
+from linalign.resolve import align_configs, decode_config, parse_methods
 from linalign.serve.bench import serve_bench
 from linalign.serve.cli import serve
 from linalign.serve.playground import playground
@@ -119,7 +118,7 @@ def generate(
     from linalign.engine import Aligner
 
     methods = parse_methods(method)
-    config = DecodeConfig(**{k.name: knobs[k.name] for k in DECODE if knobs.get(k.name) is not None})
+    config = decode_config(**{k.name: knobs[k.name] for k in DECODE if k.cli})
     if input_path is not None:
         from linalign.jobs import JobSettings, generate_job
 

@@ -45,27 +45,7 @@ def unescape(text: str) -> str:
         raise LinalignError(f"bad escape in {text!r}: {err.reason}") from None
 
 
-def decode_config(
-    max_new_tokens: int,
-    *,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = None,
-    stop: Sequence[str] | None = None,
-    repetition_penalty: float | None = None,
-    no_repeat_ngram_size: int | None = None,
-    logprobs: int | None = None,
-) -> DecodeConfig:
-    """Unset values take the neutral ones; greedy unless `temperature > 0` (the sampling rule)."""
-    return DecodeConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature or 0.0,
-        top_p=1.0 if top_p is None else top_p,
-        top_k=top_k or 0,
-        seed=seed,
-        stop=list(stop or []),
-        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size or 0,
-        logprobs=logprobs,
-    )
+def decode_config(max_new_tokens: int, **knobs: Any) -> DecodeConfig:
+    """`DecodeConfig` from the decoding knobs given (`linalign.params.DECODE`; unset, `None`: the default);
+    greedy unless `temperature > 0` (the sampling rule)."""
+    return DecodeConfig(max_new_tokens=max_new_tokens, **{k: v for k, v in knobs.items() if v is not None})
