@@ -90,7 +90,8 @@ class AlignConfig:
       distribution's top probability) or "intersect" (the principled nucleus within the plain
       distribution's nucleus, the principled top token always kept).
 
-    Principles must not be blank: a blank one is an error wherever it comes from.
+    Principles must not be blank: a blank one is an error wherever it comes from. `principles=None` makes a
+    configuration whose principles come with each prompt (`Aligner.generate(principles=...)`: eval's runs).
     """
 
     method: str = "la"

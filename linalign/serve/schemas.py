@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI-compatible endpoint, with linalign's own `linalign` object.
 
 Every field that costs the server work per unit is bounded here, so a small body cannot buy a large bill:
-the limits are named in the 400 a request over them gets.
+the limits are named in the 400 a request over them gets. The knobs' fields and their limits come from their
+declarations (`linalign.params`); the rest is OpenAI's request.
 """
 
 from __future__ import annotations
