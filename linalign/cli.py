@@ -41,7 +41,7 @@ from linalign.serve.playground import playground
 
 if TYPE_CHECKING:
     from linalign.config import AlignConfig
-    from linalign.engine import Generation
+    from linalign.generation import Generation
 
 app = typer.Typer(
     cls=OneLineErrors, help="Align a language model with a principle at decoding time.", no_args_is_help=True

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from linalign.backends import Backend, Prefill, Whole
 from linalign.compute import on_compute_thread
 from linalign.config import DecodeConfig
+from linalign.generation import Generation, TopLogprobs
 from linalign.methods import Plan
 from linalign.step import Chain, Row, Step
 from linalign.text import TextStream
@@ -47,29 +48,6 @@ class Prepared:
     @property
     def prompt_tokens(self) -> int:
         return len(self.term_ids[self.plan.anchor])
-
-
-@dataclass
-class TopLogprobs:
-    """The chosen token's log-probability under the aligned distribution and the top alternatives, with the
-    top alternatives of the anchor (principled) and plain contexts where the plan has them."""
-
-    logprob: float
-    aligned: list[tuple[int, float]]
-    principled: list[tuple[int, float]] | None = None
-    plain: list[tuple[int, float]] | None = None
-
-
-@dataclass
-class Event:
-    """What one step did for one sequence: the token chosen (None when cancelled before choosing), the new
-    visible text, and the finish reason on its last event."""
-
-    key: Hashable
-    token: int | None
-    text: str
-    finish_reason: str | None = None
-    logprobs: TopLogprobs | None = None
 
 
 @dataclass
@@ -230,7 +208,7 @@ class Decoder:
         )
         return seq, contexts
 
-    def _join(self, coming: _Coming) -> list[Event]:
+    def _join(self, coming: _Coming) -> list[Generation]:
         """Prefilled sequences join the decoding ones, after them; those cancelled meanwhile end at once."""
         for s in coming.sequences:
             for m in s.first:
@@ -244,7 +222,7 @@ class Decoder:
         self._reindex()
         return [self._end(s, "cancelled") for s in coming.sequences if s.cancelled]
 
-    def _prefill_some(self) -> list[Event]:
+    def _prefill_some(self) -> list[Generation]:
         """At most `prefill_chunk` prompt tokens of the sequences to come, the fewest left first, except that the
         oldest goes first when it got none at the last step; those complete join."""
         budget = self.prefill_chunk or 0
@@ -260,7 +238,7 @@ class Decoder:
             events += self._join(coming)
         return events
 
-    def _cancel_coming(self) -> list[Event]:
+    def _cancel_coming(self) -> list[Generation]:
         """Sequences to come that are all cancelled are given up, their prefill unfinished."""
         events = []
         for coming in [c for c in self.coming if all(s.cancelled for s in c.sequences)]:
@@ -270,11 +248,11 @@ class Decoder:
             events += [self._end(s, "cancelled") for s in coming.sequences]
         return events
 
-    def _end(self, s: _Sequence, reason: str) -> Event:
-        """`s` ends without a token; its last event."""
+    def _end(self, s: _Sequence, reason: str) -> Generation:
+        """`s` ends without a token; its last delta."""
         s.text.finish()
         s.done = True
-        return Event(s.key, None, s.text.delta(final=True), reason)
+        return Generation(s.key, s.text.delta(final=True), finish_reason=reason)
 
     def _generator(self, prepared: Prepared) -> torch.Generator | None:
         if not prepared.config.do_sample or prepared.seed is None:
@@ -289,9 +267,9 @@ class Decoder:
                 s.cancelled = True
 
     @on_compute_thread
-    def step(self) -> list[Event]:
-        """Choose one token for every sequence and report what happened; finished sequences leave. With
-        `prefill_chunk`, a chunk of the prompts to come is computed first."""
+    def step(self) -> list[Generation]:
+        """Choose one token for every sequence and report what happened, as one delta (`Generation`) per sequence;
+        finished sequences leave. With `prefill_chunk`, a chunk of the prompts to come is computed first."""
         events = self._cancel_coming()
         events += [self._end(s, "cancelled") for s in self.sequences if s.cancelled and not s.done]
         self._drop_done()
@@ -314,12 +292,13 @@ class Decoder:
             if reason:
                 s.text.finish()
                 s.done = True
-            events.append(Event(s.key, token, s.text.delta(final=reason is not None), reason, logprobs[i]))
+            text = s.text.delta(final=reason is not None)
+            events.append(Generation(s.key, text, [token], reason, None if logprobs[i] is None else [logprobs[i]]))
         self._last = chosen
         self._drop_done()
         return events
 
-    def run(self) -> Iterator[list[Event]]:
+    def run(self) -> Iterator[list[Generation]]:
         """Step until every sequence has finished."""
         while len(self):
             yield self.step()
@@ -401,7 +380,7 @@ class Decoder:
             )
         return out
 
-    def _make_room(self) -> list[Event]:
+    def _make_room(self) -> list[Generation]:
         """Where a cache of fixed size cannot take one more token for every row, the newest sequences end
         ("length") and leave, so that the others decode on instead of the step failing for all."""
         events = []

@@ -9,48 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
 from linalign.compute import on_compute_thread
 from linalign.config import AlignConfig, DecodeConfig, row_seed
-from linalign.decode import Decoder, Event, Prepared, kv_cells
+from linalign.decode import Decoder, Prepared, kv_cells
 from linalign.errors import LinalignError
+from linalign.generation import Generation, Prompt
 from linalign.methods import make_plan
 from linalign.models import LoadedModel, load_model
-from linalign.prompts import Conversation, build_ids, to_conversation
-
-Prompt = str | Conversation
-
-
-@dataclass
-class Generation:
-    """One finished sequence."""
-
-    prompt: Prompt
-    method: str
-    text: str
-    new_tokens: int
-    prompt_tokens: int
-    seconds: float
-    finish_reason: str  # "stop" (EOS or a stop string), "length" or "cancelled"
-    strength: dict = field(default_factory=dict)
-    token_ids: list[int] = field(default_factory=list, repr=False)  # as chosen, EOS included
-
-    def to_dict(self) -> dict:
-        """The JSON record of the CLI and the evaluation: no token ids, the strength flattened in."""
-        record = asdict(self)
-        del record["token_ids"]
-        record.update(record.pop("strength"))
-        return record
-
-
-@dataclass
-class TextDelta:
-    """Newly visible text of sequence `index`; `finish_reason` is set on its last delta."""
-
-    index: int
-    text: str
-    finish_reason: str | None = None
+from linalign.prompts import build_ids, to_conversation
 
 
 def check_same_vocabulary(a: LoadedModel, b: LoadedModel) -> None:
@@ -191,8 +159,10 @@ class Aligner:
         backends = {m: loaded.open(capacity.get(m), compile=self.compile) for m, loaded in opened.items()}
         return Decoder(backends, self.tokenizer, self.main.eos_ids, self.main.device, prefill_chunk)
 
-    def decode(self, prepared: Sequence[Prepared], cancelled: Sequence[bool] | None = None) -> Iterator[list[Event]]:
-        """Decode prepared sequences as one batch, yielding every step's events (keys are the indices).
+    def decode(
+        self, prepared: Sequence[Prepared], cancelled: Sequence[bool] | None = None
+    ) -> Iterator[list[Generation]]:
+        """Decode prepared sequences as one batch, yielding every step's deltas (their indices are `prepared`'s).
 
         Setting `cancelled[i] = True` between steps ends sequence `i` (finish reason "cancelled").
         """
@@ -215,11 +185,11 @@ class Aligner:
         raw: bool = False,
         principles: Sequence[Sequence[str]] | None = None,
         cancelled: list[bool] | None = None,
-    ) -> Iterator[list[TextDelta]]:
-        """Decode `prompts` as one batch, yielding the new text of each sequence after every step."""
+    ) -> Iterator[list[Generation]]:
+        """Decode `prompts` as one batch, yielding after every step each sequence's delta: its new text and token
+        (`Generation.add` puts a sequence's deltas together into what `generate` returns)."""
         prepared = self.prepare_batch(prompts, align, config, system=system, raw=raw, principles=principles)
-        for events in self.decode(prepared, cancelled):
-            yield [TextDelta(e.key, e.text, e.finish_reason) for e in events if e.text or e.finish_reason]
+        yield from self.decode(prepared, cancelled)
 
     @on_compute_thread  # the whole call at once: one hand-over instead of one a step
     def generate(
@@ -238,27 +208,15 @@ class Aligner:
         prepared = self.prepare_batch(
             prompts, align, config, system=system, raw=raw, principles=principles, seeds=seeds
         )
-        start = time.perf_counter()
-        texts, tokens, reasons = [""] * len(prompts), [[] for _ in prompts], ["length"] * len(prompts)
-        for events in self.decode(prepared):
-            for e in events:
-                texts[e.key] += e.text
-                if e.token is not None:
-                    tokens[e.key].append(e.token)
-                if e.finish_reason:
-                    reasons[e.key] = e.finish_reason
-        seconds = time.perf_counter() - start
-        return [
-            Generation(
-                prompt=p,
-                method=align.method,
-                text=texts[i],
-                new_tokens=len(tokens[i]),
-                prompt_tokens=prepared[i].prompt_tokens,
-                seconds=seconds,
-                finish_reason=reasons[i],
-                strength=align.strength,
-                token_ids=tokens[i],
-            )
-            for i, p in enumerate(prompts)
+        outputs = [
+            Generation(i, prompt_tokens=p.prompt_tokens, prompt=prompt, method=align.method, strength=align.strength)
+            for i, (prompt, p) in enumerate(zip(prompts, prepared, strict=True))
         ]
+        start = time.perf_counter()
+        for deltas in self.decode(prepared):
+            for d in deltas:
+                outputs[d.index].add(d)
+        seconds = time.perf_counter() - start
+        for g in outputs:
+            g.seconds = seconds
+        return outputs

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from linalign.config import AlignConfig, DecodeConfig
 from linalign.errors import LinalignError
 from linalign.evaluation.runner import check_settings, open_for_append, read_records, task_seed
+from linalign.generation import Generation
 from linalign.params import for_method
 from linalign.prompts import to_conversation
 from linalign.resolve import parse_methods
@@ -202,16 +203,11 @@ def plan(settings: JobSettings, items: list[Item], batch_size: int) -> list[Batc
     return batches + [b for b in open_batches.values() if b]
 
 
-def output_record(item: Item, align: AlignConfig, generation) -> dict:
+def output_record(item: Item, align: AlignConfig, generation: Generation) -> dict:
     """The input record (its id first), then what the job made of it under `align`."""
     record = {"id": item["id"], **{k: v for k, v in item["record"].items() if k != "id"}}
     record.update(run=align.label, method=align.method, **align.strength, **align.quality_options)
-    record.update(
-        text=generation.text,
-        new_tokens=generation.new_tokens,
-        prompt_tokens=generation.prompt_tokens,
-        finish_reason=generation.finish_reason,
-    )
+    record.update(generation.to_dict(("text", "new_tokens", "prompt_tokens", "finish_reason")))
     return record
 
 

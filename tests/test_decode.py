@@ -8,6 +8,7 @@ import torch
 
 from linalign import AlignConfig, Aligner, DecodeConfig, LinalignError, LinearAlignmentLogitsProcessor
 from linalign.backends.transformers import TransformersBackend
+from linalign.generation import RECORD, Generation, usage
 from linalign.prompts import build_ids
 from linalign.text import TextStream
 
@@ -117,6 +118,30 @@ def test_streaming_with_stop_strings_reassembles_the_cut_text(aligner):
             reasons[d.index] = d.finish_reason or reasons[d.index]
     assert streamed == [g.text for g in final] and reasons == [g.finish_reason for g in final]
     assert final[1].finish_reason == "stop" and final[1].text == free[1].text[: free[1].text.find(stop)]
+
+
+def test_a_streams_deltas_put_together_are_what_generate_returns(aligner):
+    """One result type and one way to put it together: each sequence's deltas, added up, give its whole output,
+    its token ids and per-token logprobs included."""
+    align = AlignConfig(method="la", principles=[PRINCIPLE])
+    config = DecodeConfig(max_new_tokens=10, stop=["e"], logprobs=2)
+    final = aligner.generate(QUESTIONS, align, config)
+    whole = [Generation(i) for i in range(len(QUESTIONS))]
+    for deltas in aligner.stream(QUESTIONS, align, config):
+        for d in deltas:
+            assert d.new_tokens <= 1 and (d.logprobs is None) == (d.token is None)
+            whole[d.index].add(d)
+    for w, g in zip(whole, final, strict=True):
+        assert (w.text, w.token_ids, w.finish_reason) == (g.text, g.token_ids, g.finish_reason)
+        assert [lp.logprob for lp in w.logprobs] == [lp.logprob for lp in g.logprobs]
+        assert len(g.logprobs) == g.new_tokens > 0 and all(len(lp.aligned) == 2 for lp in g.logprobs)
+    record = final[0].to_dict()
+    assert list(record) == [*RECORD, "ratio"] and record["new_tokens"] == len(final[0].token_ids)
+    assert usage(final) == {
+        "prompt_tokens": final[0].prompt_tokens,
+        "completion_tokens": sum(g.new_tokens for g in final),
+        "total_tokens": final[0].prompt_tokens + sum(g.new_tokens for g in final),
+    }
 
 
 # -- histories of the logits processors -------------------------------------------------------------------

@@ -29,15 +29,15 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from linalign.config import AlignConfig, DecodeConfig, row_seed
-from linalign.decode import Prepared, TopLogprobs
+from linalign.decode import Prepared
 from linalign.engine import Aligner
 from linalign.errors import LinalignError
+from linalign.generation import Generation, TopLogprobs, usage
 from linalign.params import DECODE, KNOBS, MAX_STRENGTH, check, for_method
 from linalign.prompts import Conversation, to_conversation
 from linalign.resolve import align_configs, decode_config
 from linalign.serve.batcher import (
     Batcher,
-    Completion,
     DecodingFailed,
     Job,
     QueueFull,
@@ -183,14 +183,6 @@ def _job_error(err: Exception) -> APIError:
     return APIError(500, f"decoding failed: {err} (the server's log has the traceback)")
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
 def _byte_decoder() -> dict[str, int]:
     """Byte-level BPE's alphabet (GPT-2's `bytes_to_unicode`) inverted: the character that stands for each byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
@@ -272,17 +264,15 @@ async def _sse(job: Job, head: dict, texts: TokenTexts, include_usage: bool) -> 
     yield event(
         [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(job.n)]
     )
-    tokens = [0] * job.n
     try:
-        async for chunks in job.events():
-            for c in chunks:
-                tokens[c.copy] = c.tokens
-                choice = {"index": c.copy, "delta": {"content": c.text} if c.text else {}}
-                if c.logprobs is not None and c.token is not None:
-                    choice["logprobs"] = {"content": [_logprobs_content(texts, c.token, c.logprobs)]}
-                yield event([choice | {"finish_reason": c.finish_reason}])
+        async for deltas in job.events():
+            for d in deltas:
+                choice = {"index": d.index, "delta": {"content": d.text} if d.text else {}}
+                if d.logprobs and d.token is not None:
+                    choice["logprobs"] = {"content": [_logprobs_content(texts, d.token, d.logprobs[0])]}
+                yield event([choice | {"finish_reason": d.finish_reason}])
         if include_usage:
-            yield event([], usage=_usage(job.prompt_tokens, sum(tokens)))
+            yield event([], usage=usage(job.outputs))
     except (DecodingFailed, RequestTimedOut, ShuttingDown) as err:
         # The status line is long gone; OpenAI's clients raise on an event that carries an error object.
         yield format_sse_event(data_str=json.dumps({"error": _job_error(err).body()}))
@@ -544,10 +534,10 @@ def create_app(
             return EventSourceResponse(chunks, background=BackgroundTask(job.cancel))
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
-            completions = await job.collect()
+            outputs = await job.collect()
         finally:
             watcher.cancel()
-        choices = _choices(completions, job.prompt_tokens, texts)
+        choices = _choices(outputs, texts)
         return _JSON(head | {"object": "chat.completion"} | choices)
 
     app.include_router(v1)
@@ -555,16 +545,16 @@ def create_app(
     return app
 
 
-def _choices(completions: list[Completion], prompt_tokens: int, texts: TokenTexts) -> dict:
+def _choices(outputs: list[Generation], texts: TokenTexts) -> dict:
     choices = [
         {
-            "index": i,
-            "message": {"role": "assistant", "content": c.text},
-            "finish_reason": c.finish_reason,
+            "index": g.index,
+            "message": {"role": "assistant", "content": g.text},
+            "finish_reason": g.finish_reason,
             "logprobs": None
-            if c.logprobs is None
-            else {"content": [_logprobs_content(texts, t, lp) for t, lp in c.logprobs]},
+            if g.logprobs is None
+            else {"content": [_logprobs_content(texts, t, lp) for t, lp in zip(g.token_ids, g.logprobs, strict=True)]},
         }
-        for i, c in enumerate(completions)
+        for g in outputs
     ]
-    return {"choices": choices, "usage": _usage(prompt_tokens, sum(c.tokens for c in completions))}
+    return {"choices": choices, "usage": usage(outputs)}

@@ -35,11 +35,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from linalign.decode import Prepared, TopLogprobs, kv_cells
+from linalign.decode import Prepared, kv_cells
 from linalign.engine import Aligner
 from linalign.errors import LinalignError
+from linalign.generation import Generation
 from linalign.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -63,28 +64,8 @@ class ShuttingDown(RuntimeError):
     """The server is shutting down: the request was refused, or did not finish within the grace period."""
 
 
-@dataclass
-class Chunk:
-    """New text of copy `copy` of a request; `tokens` counts its tokens so far; `finish_reason` ends it."""
-
-    copy: int
-    text: str
-    finish_reason: str | None
-    tokens: int
-    token: int | None = None
-    logprobs: TopLogprobs | None = None
-
-
-@dataclass
-class Completion:
-    text: str = ""
-    finish_reason: str | None = None
-    tokens: int = 0
-    logprobs: list[tuple[int, TopLogprobs]] | None = None
-
-
 class Job:
-    """One request: one prepared sequence per copy (`n` of them)."""
+    """One request: one prepared sequence per copy (`n` of them), and each copy's output as it grows."""
 
     def __init__(self, prepared: list[Prepared], loop: asyncio.AbstractEventLoop, timeout: float | None = None) -> None:
         self.prepared, self.n = prepared, len(prepared)
@@ -93,11 +74,12 @@ class Job:
         self.first_token: float | None = None
         self.cancelled = self.timed_out = False
         self.left = self.n
-        self.tokens = [0] * self.n
+        # Put together on the event loop from the worker's deltas, as they are read (`events`).
+        self.outputs = [Generation(c, prompt_tokens=self.prompt_tokens) for c in range(self.n)]
         self.short = False  # set by the batcher at submission
         self.cells: dict[int, int] = {}  # KV cells per model one copy fills at full length
         self._loop = loop
-        self._events: asyncio.Queue[list[Chunk] | Exception | None] = asyncio.Queue()
+        self._events: asyncio.Queue[list[Generation] | Exception | None] = asyncio.Queue()
         self._timers: list[asyncio.TimerHandle] = []
 
     def arm(self) -> None:
@@ -141,30 +123,28 @@ class Job:
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
 
-    def put(self, item: list[Chunk] | Exception | None) -> None:
-        """Called from the worker thread: chunks, an error, or None when every copy is finished."""
+    def put(self, item: list[Generation] | Exception | None) -> None:
+        """Called from the worker thread: deltas (indexed by copy), an error, or None when every copy is finished."""
         self._loop.call_soon_threadsafe(self._events.put_nowait, item)
 
-    async def events(self) -> AsyncIterator[list[Chunk]]:
+    async def events(self) -> AsyncIterator[list[Generation]]:
+        """Each step's deltas, once added to `outputs`."""
         try:
             while (item := await self._events.get()) is not None:
                 if isinstance(item, Exception):
                     raise item
+                for delta in item:
+                    self.outputs[delta.index].add(delta)
                 yield item
         finally:
             for timer in self._timers:
                 timer.cancel()
 
-    async def collect(self) -> list[Completion]:
-        completions = [Completion() for _ in range(self.n)]
-        async for chunks in self.events():
-            for chunk in chunks:
-                done = completions[chunk.copy]
-                done.text += chunk.text
-                done.finish_reason, done.tokens = chunk.finish_reason, chunk.tokens
-                if chunk.logprobs is not None:
-                    done.logprobs = (done.logprobs or []) + [(chunk.token, chunk.logprobs)]
-        return completions
+    async def collect(self) -> list[Generation]:
+        """Every copy's output, once finished."""
+        async for _ in self.events():
+            pass
+        return self.outputs
 
 
 class Batcher:
@@ -383,17 +363,16 @@ class Batcher:
             return
         self.batch_sizes.append(len(self._decoder))
         self.metrics.running.set(len(self._decoder))
-        chunks: dict[Job, list[Chunk]] = {}
+        deltas: dict[Job, list[Generation]] = {}
         for e in self._decoder.step():
             job, copy = e.key
             if e.token is not None:
-                self._count_token(job, copy)
-            chunk = Chunk(copy, e.text, e.finish_reason, job.tokens[copy], e.token, e.logprobs)
-            chunks.setdefault(job, []).append(chunk)
+                self._count_token(job)
+            deltas.setdefault(job, []).append(replace(e, index=copy))
             if e.finish_reason:
                 self.finished[e.finish_reason] += 1
                 job.left -= 1
-        for job, items in chunks.items():
+        for job, items in deltas.items():
             if not job.timed_out:
                 job.put(items)
             if not job.left:  # answer now, while the rest of the batch decodes on
@@ -416,8 +395,7 @@ class Batcher:
             tokens += job.prefill_tokens
         return groups
 
-    def _count_token(self, job: Job, copy: int) -> None:
-        job.tokens[copy] += 1
+    def _count_token(self, job: Job) -> None:
         self.metrics.tokens.inc()
         if job.first_token is None:
             job.first_token = time.monotonic()
