@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import linalign
 from linalign import Aligner
 from linalign.cli import app
+from linalign.params import ALIGN, DECODE, METHOD, METHODS, Knob
 from linalign.serve import create_app
+from linalign.serve.schemas import ChatCompletionRequest
 from linalign.serve.server import serving
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -67,6 +70,49 @@ def test_the_wildcard():
     assert matches("In a small town, …", "In a small town, there was")
     assert matches("b …", "b 'Paris.' stop") and matches("Paris", " Paris ")
     assert not matches("Paris", "Paris is the capital") and not matches("a 'grape' stop", "a 'Grape' stop")
+
+
+def _default(knob: Knob) -> str:
+    if knob.default is None:
+        return "unset"
+    if isinstance(knob.default, tuple):
+        return " ".join(f"`{x!r}`" for x in knob.default) or "none"
+    return f"`{knob.default!r}`"
+
+
+def _row(knob: Knob, config: str, server: str) -> str:
+    cli = " ".join(f"`{flag}`" for flag in knob.cli_flags) if knob.cli else "–"
+    methods = "all" if knob.methods == METHODS else ", ".join(knob.methods)
+    return f"| {cli} | `{config}.{knob.name}` | {server} | {_default(knob)} | {methods} | {knob.help} |"
+
+
+def options_table() -> str:
+    """The README's table of options as the declarations in `linalign.params` and the server's schema make it: the
+    alignment knobs in the request's `linalign` object, the decoding knobs among OpenAI's fields where served."""
+    served = ChatCompletionRequest.model_fields
+    rows = [_row(k, "AlignConfig", f"`linalign.{k.name}`") for k in (METHOD, *ALIGN)]
+    for k in DECODE:
+        name = k.request or k.name
+        rows.append(_row(k, "DecodeConfig", f"`{name}`" if name in served else "–"))
+    head = "| command line | Python | server | default | methods | what it does |\n|---|---|---|---|---|---|"
+    return "\n".join([head, *rows])
+
+
+def test_the_options_table_is_the_spec():
+    assert options_table() in README, "the README's table of options, as linalign.params declares them:\n" + (
+        options_table()
+    )
+
+
+def test_the_map_of_the_code_names_every_module():
+    """'How it is built' lists every module and folder of the package."""
+    built = README.split("## How it is built", 1)[1].split("```")[1]
+    root = Path(linalign.__file__).parent
+    names = {p.name for p in root.glob("*.py")} | {p.name for p in root.glob("*/*.py")}
+    names |= {f"{p.name}/" for p in root.iterdir() if p.is_dir() and not p.name.startswith("__")}
+    names -= {"__init__.py"}
+    listed = set(re.findall(r"^\s+(\S+)", built, flags=re.M))
+    assert names <= listed, sorted(names - listed)
 
 
 @pytest.fixture(scope="module")
