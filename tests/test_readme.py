@@ -115,6 +115,27 @@ def test_the_map_of_the_code_names_every_module():
     assert names <= listed, sorted(names - listed)
 
 
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces as dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_links_between_the_readme_and_docs_arrive():
+    """Every relative link of the README and docs/ names a file that exists, and a heading of it where it has an
+    anchor: sections moved between them must take their links along."""
+    root = Path(__file__).parent.parent
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path, _, anchor = target.partition("#")
+            if "://" in target:
+                continue
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), (page.name, target)
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.M)
+                assert anchor in map(_slug, headings), (page.name, target)
+
+
 @pytest.fixture(scope="module")
 def default_aligner() -> Aligner:
     """The built-in model on the default backend, as `linalign serve` loads it."""
