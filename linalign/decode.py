@@ -21,13 +21,13 @@ step before, so none waits for ever).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from linalign.backends import Backend, Prefill, Whole
+from linalign.backends import Backend, Prefill
 from linalign.compute import on_compute_thread
 from linalign.config import DecodeConfig
 from linalign.generation import Generation, TopLogprobs
@@ -135,7 +135,7 @@ class Decoder:
         self.logits: dict[int, torch.Tensor] = {}  # per model: next-token logits of every row
         self._last: torch.Tensor | None = None  # tokens chosen at the last step, one per sequence
         # Prompt tokens prefilled per step, where every backend can prefill in chunks (see the module docstring).
-        chunked = prefill_chunk is not None and all(hasattr(b, "prefill") for b in backends.values())
+        chunked = prefill_chunk is not None and all(b.chunked_prefill for b in backends.values())
         self.prefill_chunk = prefill_chunk if chunked else None
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
@@ -148,16 +148,16 @@ class Decoder:
     def fits(self, prepared: Sequence[Prepared], alone: bool = False) -> bool:
         """Whether every cache of fixed size can prefill `prepared` and take a first step now (`alone`: in an
         empty decoder). Sequences that later outgrow it end early (see `_make_room`)."""
-        need = {m: 0 if alone else getattr(b, "used", 0) + self.rows[m] for m, b in self.backends.items()}
+        need = {m: 0 if alone else b.used + self.rows[m] for m, b in self.backends.items()}
         for p in prepared:
             for m, cells in kv_cells(p, new_tokens=1).items():
                 need[m] += cells
-        return all(need[m] <= b.kv_capacity for m, b in self.backends.items() if getattr(b, "kv_capacity", None))
+        return all(need[m] <= b.kv_capacity for m, b in self.backends.items() if b.kv_capacity is not None)
 
     @property
     def can_add(self) -> bool:
         """Whether sequences can join now: always when idle; while others decode, if every cache can merge."""
-        return not self.sequences or all(getattr(b, "can_merge", True) for b in self.backends.values())
+        return not self.sequences or all(b.can_merge for b in self.backends.values())
 
     def add(self, key: Hashable, prepared: Prepared) -> None:
         """Prefill `prepared` and let it decode from the next step on."""
@@ -188,8 +188,7 @@ class Decoder:
         self._join(coming)
 
     def _prefill(self, m: int, prompts: list[list[int]]) -> Prefill:
-        backend = self.backends[m]
-        return backend.prefill(prompts) if hasattr(backend, "prefill") else Whole(backend, prompts)
+        return self.backends[m].prefill(prompts)
 
     def _sequence(self, key: Hashable, prepared: Prepared) -> tuple[_Sequence, dict[int, list[list[int]]]]:
         """A sequence's state, and its distinct contexts per model."""
@@ -298,11 +297,6 @@ class Decoder:
         self._drop_done()
         return events
 
-    def run(self) -> Iterator[list[Generation]]:
-        """Step until every sequence has finished."""
-        while len(self):
-            yield self.step()
-
     # -- the stages of a step --------------------------------------------------------------------------
 
     def _finish_reason(self, s: _Sequence, token: int) -> str | None:
@@ -385,8 +379,8 @@ class Decoder:
         ("length") and leave, so that the others decode on instead of the step failing for all."""
         events = []
         for m, backend in self.backends.items():
-            capacity = getattr(backend, "kv_capacity", None)
-            while capacity and getattr(backend, "can_drop", True) and backend.used + self.rows[m] > capacity:
+            capacity = backend.kv_capacity
+            while capacity is not None and backend.can_drop and backend.used + self.rows[m] > capacity:
                 live = [s for s in self.sequences if m in s.first and not s.done]
                 if not live:
                     break
@@ -399,7 +393,7 @@ class Decoder:
         (decoding padding that nobody reads) until every sequence has finished."""
         if not any(s.done for s in self.sequences):
             return
-        droppable = all(getattr(b, "can_drop", True) for b in self.backends.values())
+        droppable = all(b.can_drop for b in self.backends.values())
         if droppable or not len(self):
             self._keep([i for i, s in enumerate(self.sequences) if not s.done])
 

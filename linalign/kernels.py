@@ -18,8 +18,10 @@ per weight shape by multiplying one row repeated. A row's bits then depend on th
 `route(model)` gives each plain `nn.Linear` of a model (exactly that class: quantised subclasses keep their own
 `forward`) a `forward` that, inside `step_products()` on the calling thread only, computes products on CPU that
 way, and is `F.linear` everywhere else. A flag per thread keeps threads sharing a model and nested use safe.
-(A `TorchFunctionMode` would need no change to the model, but it intercepts all ~2,000 torch calls of a step:
-+9 ms a step for SmolLM2-135M on this CPU, more than the transposed form saves at 2 rows.)
+The backend routes a model only for the duration of a step (`routed`): between linalign's steps the user's model
+is exactly as it was loaded. (A `TorchFunctionMode` would need no change to the model, but it intercepts all
+~2,000 torch calls of a step: +9 ms a step for SmolLM2-135M on this CPU, more than the transposed form saves at
+2 rows.)
 
 `LINALIGN_KERNEL=auto|transposed|torch` pins the choice; `auto` (default) measures once per dtype (~0.2 s).
 """
@@ -29,7 +31,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 
@@ -169,8 +171,39 @@ def _routed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, self.weight, self.bias)
 
 
-def route(model: nn.Module) -> None:
-    """Let `step_products()` reach `model`'s plain linear layers (idempotent)."""
-    for module in model.modules():
-        if type(module) is nn.Linear and "forward" not in vars(module):
-            module.forward = _routed_forward.__get__(module)
+def plain_linears(model: nn.Module) -> list[nn.Linear]:
+    """`model`'s layers of exactly `nn.Linear`, which `route` reaches."""
+    return [module for module in model.modules() if type(module) is nn.Linear]
+
+
+def route(model: nn.Module, layers: Sequence[nn.Linear] | None = None) -> list[nn.Linear]:
+    """Let `step_products()` reach `model`'s plain linear layers (or `layers` of it, `plain_linears` found once);
+    idempotent: the layers routed by this call."""
+    candidates = plain_linears(model) if layers is None else layers
+    newly = [layer for layer in candidates if "forward" not in vars(layer)]
+    for layer in newly:
+        vars(layer)["forward"] = _routed_forward.__get__(layer)  # the instance's own, as a plain assignment sets
+    return newly
+
+
+_routings: dict[int, tuple[int, list[nn.Linear]]] = {}  # id(model) -> (blocks open on it, layers they routed)
+_routings_lock = threading.Lock()
+
+
+@contextmanager
+def routed(model: nn.Module, layers: Sequence[nn.Linear] | None = None) -> Iterator[None]:
+    """`route(model, layers)` for the block only: once the last block open on `model` (on any thread) ends, its
+    layers' `forward` is the class's again."""
+    with _routings_lock:
+        blocks, done = _routings.get(id(model), (0, []))
+        _routings[id(model)] = (blocks + 1, done if blocks else route(model, layers))
+    try:
+        yield
+    finally:
+        with _routings_lock:
+            blocks, done = _routings.pop(id(model))
+            if blocks > 1:
+                _routings[id(model)] = (blocks - 1, done)
+            else:
+                for layer in done:
+                    del vars(layer)["forward"]

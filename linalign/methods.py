@@ -52,9 +52,8 @@ class Plan:
 
 
 def _la_terms(config: AlignConfig) -> tuple[list[Term], int]:
-    principles = [p for p in config.principles if p.strip()]
     weights = config.resolved_weights()
-    principled = [Term(0, p, w) for p, w in zip(principles, weights, strict=True) if w != 0]
+    principled = [Term(0, p, w) for p, w in zip(config.principles, weights, strict=True) if w != 0]
     plain = Term(0, None, 1.0 - sum(t.weight for t in principled))
     # The anchor is the first principle pulled towards; with none, the plain context.
     positive = [i for i, t in enumerate(principled) if t.weight > 0]
@@ -82,7 +81,7 @@ def told_principle(config: AlignConfig) -> str | None:
     shared context): the principles with a positive weight, joined. A principle weighted 0 or below is what
     Linear Alignment pushes away from, never an instruction (`None`: no principle is told)."""
     weights = config.weights if config.weights is not None else [1.0] * len(config.principles)
-    told = [p for p, w in zip(config.principles, weights, strict=True) if w > 0 and p.strip()]
+    told = [p for p, w in zip(config.principles, weights, strict=True) if w > 0]
     return "\n\n".join(told) or None
 
 

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from linalign.backends import Backend
+from linalign.backends import Backend, Runner
 from linalign.backends.compiled import CompiledBackend, CompiledModel
 from linalign.backends.transformers import TransformersBackend
 from linalign.compute import on_compute_thread, on_own_thread
@@ -60,34 +60,31 @@ class LoadedModel:
     batch_invariant: bool = field(default_factory=batch_invariance_default)
 
     @property
+    def _runner(self) -> Runner:
+        """What runs the weights, and answers for them: llama.cpp's model, or `transformers`'."""
+        return self.runner if self.runner is not None else TransformersRunner(self)
+
+    @property
     def backend(self) -> str:
-        return "llamacpp" if self.runner is not None else "transformers"
+        return self._runner.name
 
     @property
     def device(self) -> torch.device:
-        return self.runner.device if self.runner is not None else self.model.device
+        return self._runner.device
 
     @property
     def context_length(self) -> int | None:
-        if self.runner is not None:
-            return self.runner.context_length
-        return getattr(self.model.config, "max_position_embeddings", None)
+        return self._runner.context_length
 
     @property
     def vocab_size(self) -> int:
-        if self.runner is not None:
-            return self.runner.vocab_size
-        return self.model.get_output_embeddings().weight.shape[0]
+        return self._runner.vocab_size
 
     @property
     def eos_ids(self) -> list[int]:
-        """Every id that ends a sequence: the generation config's (llama.cpp's end-of-generation tokens) and
-        the tokenizer's."""
-        if self.runner is not None:
-            ids = set(self.runner.eos_ids)
-        else:
-            configured = self.model.generation_config.eos_token_id
-            ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        """Every id that ends a sequence: the model's own (its generation config's, llama.cpp's end-of-generation
+        tokens) and the tokenizer's."""
+        ids = set(self._runner.eos_ids)
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
@@ -103,15 +100,42 @@ class LoadedModel:
     def open(self, capacity: int | None = None, compile: bool = False) -> Backend:
         """A fresh, empty set of rows over these weights (`capacity`: a hint of the KV cells needed);
         `compile`: a static cache stepped by `torch.compile` (`linalign.backends.compiled`)."""
-        if self.runner is not None:
-            if compile:
-                raise LinalignError("--compile applies to the transformers backend; llama.cpp runs compiled code")
-            return self.runner.open(capacity)
-        if compile:
-            if self.compiled is None:
-                self.compiled = CompiledModel(self.model, self.tokenizer.pad_token_id)
-            return CompiledBackend(self.compiled, capacity)
-        return TransformersBackend(self.model, self.tokenizer.pad_token_id, self.batch_invariant)
+        return self._runner.open(capacity, compile)
+
+
+class TransformersRunner:
+    """The `linalign.backends.Runner` of a `LoadedModel` whose `transformers` model decodes: read from the loaded
+    model's fields, so a copy of it (`dataclasses.replace`) answers with its own."""
+
+    name = "transformers"
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded, self.model = loaded, loaded.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def eos_ids(self) -> list[int]:
+        configured = self.model.generation_config.eos_token_id
+        return configured if isinstance(configured, list) else [configured] if configured is not None else []
+
+    def open(self, capacity: int | None = None, compile: bool = False) -> Backend:
+        loaded, pad_id = self.loaded, self.loaded.tokenizer.pad_token_id
+        if not compile:
+            return TransformersBackend(self.model, pad_id, loaded.batch_invariant)
+        if loaded.compiled is None:
+            loaded.compiled = CompiledModel(self.model, pad_id)
+        return CompiledBackend(loaded.compiled, capacity)
 
 
 def builtin_gguf() -> Path:

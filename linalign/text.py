@@ -20,7 +20,7 @@ class TextStream:
     """The text of one generated sequence, grown a token at a time."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str] = ()) -> None:
-        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.tokenizer, self.stops = tokenizer, list(stops)  # non-empty: DecodeConfig refuses empty ones
         self.ids: list[int] = []
         self.text = ""  # everything decoded so far, cut at a stop string once one matched
         self.stopped = False

@@ -335,9 +335,10 @@ def test_sequences_that_outgrow_the_cache_end_early_and_the_rest_decode_on(model
     decoder = aligner.decoder({0: 256})  # room for both prompts, not for both answers
     assert decoder.fits([first, second]) and not decoder.fits([first] * 4)
     decoder.add_many([("first", first), ("second", second)])
-    ends = {
-        e.key: (e.finish_reason, step) for step, events in enumerate(decoder.run()) for e in events if e.finish_reason
-    }
+    ends, step = {}, 0
+    while len(decoder):
+        ends |= {e.key: (e.finish_reason, step) for e in decoder.step() if e.finish_reason}
+        step += 1
     assert ends["second"][0] == "length" and ends["first"][1] > ends["second"][1]  # the newest yields first
     assert model.context_length > 256 and not decoder.sequences
 

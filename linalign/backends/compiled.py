@@ -33,6 +33,7 @@ import torch._dynamo.config
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from linalign.backends import Whole
 from linalign.backends.transformers import _cache_argument, left_padded
 from linalign.errors import LinalignError
 
@@ -143,6 +144,10 @@ def _copy_rows(target: StaticCache, source: StaticCache, rows: torch.Tensor, len
 class CompiledBackend:
     """Rows of one model in a static cache, stepped by the compiled forward (see the module docstring)."""
 
+    kv_capacity = None  # the static cache grows into a longer one rather than refuse rows
+    used = 0
+    chunked_prefill = False  # prompts are prefilled together, in one eager pass, into an empty batch
+
     def __init__(self, compiled: CompiledModel, capacity: int | None = None, compact_every: int | None = None) -> None:
         self.compiled, self.capacity = compiled, capacity
         self.compact_every = compact_every if compact_every is not None else COMPACT_EVERY
@@ -177,6 +182,9 @@ class CompiledBackend:
         mean = sum(len(p) for p in prompts) / len(prompts)
         new = max(1, math.ceil(self.capacity / len(prompts) - mean))
         return round_length(width + new)
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> Whole:
+        return Whole(self, prompts)
 
     @torch.inference_mode()
     def add(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:

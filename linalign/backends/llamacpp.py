@@ -96,7 +96,8 @@ def physical_cores() -> int:
 
 
 class LlamaCppModel:
-    """A GGUF model loaded once; `open` gives independent sets of rows (contexts) over its weights.
+    """A GGUF model loaded once; `open` gives independent sets of rows (contexts) over its weights (the
+    `linalign.backends.Runner` protocol).
 
     `threads` defaults to the physical cores. `ubatch` is the most tokens llama.cpp computes in one pass. The
     defaults make every row's logits independent of what shares its passes (see the module docstring), measured
@@ -112,6 +113,8 @@ class LlamaCppModel:
 
     A `ubatch` of 64 or more prefills faster but gives up that invariance.
     """
+
+    name = "llamacpp"
 
     def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None, ubatch: int = _UBATCH) -> None:
         _init_llama()
@@ -152,8 +155,10 @@ class LlamaCppModel:
             n = _ll.llama_tokenize(self._vocab, data, len(data), buffer, room, True, special)
         return list(buffer[:n])
 
-    def open(self, capacity: int | None = None) -> LlamaCppBackend:
+    def open(self, capacity: int | None = None, compile: bool = False) -> LlamaCppBackend:
         """A fresh, empty set of rows with room for `capacity` KV cells in all (default: the training context)."""
+        if compile:
+            raise LinalignError("--compile applies to the transformers backend; llama.cpp runs compiled code")
         return LlamaCppBackend(self, capacity if capacity is not None else self.context_length)
 
     def context(self, n_ctx: int) -> ctypes.c_void_p:
@@ -338,6 +343,10 @@ class LlamaCppPrefill:
 
 class LlamaCppBackend:
     """Rows of one llama.cpp context, advanced together (the `linalign.backends.Backend` protocol)."""
+
+    can_merge = True  # sequences of one context are independent: rows join and leave at any step
+    can_drop = True
+    chunked_prefill = True  # a bounded number of tokens a pass (`LlamaCppPrefill`)
 
     def __init__(self, model: LlamaCppModel, capacity: int) -> None:
         if capacity < 1:

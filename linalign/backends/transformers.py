@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from linalign.backends.row_attention import rows_attention
-from linalign.kernels import route, step_products, uses_transposed
+from linalign.kernels import plain_linears, routed, step_products, uses_transposed
 
 
 def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -108,6 +108,10 @@ class TransformersPrefill:
 class TransformersBackend:
     """Rows of one `transformers` model (see `linalign.backends`)."""
 
+    kv_capacity = None  # the cache grows as needed
+    used = 0
+    chunked_prefill = True  # a prompt at a time (`TransformersPrefill`)
+
     def __init__(self, model: PreTrainedModel, pad_id: int, invariant: bool = True) -> None:
         self.model, self.pad_id = model, pad_id
         self.device = model.device
@@ -118,8 +122,7 @@ class TransformersBackend:
         self._cache_name = _cache_argument(model)
         weight = next(model.parameters())
         self._transposed = uses_transposed(weight.device, weight.dtype)
-        if self._transposed or self.invariant:
-            route(model)
+        self._linears = plain_linears(model)  # routed to `step_products` during a step (`_products`)
         self.cache = None
         self.attention_mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self.last_position = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -206,10 +209,16 @@ class TransformersBackend:
         """Batch-invariant products and attention for a step (`linalign.kernels`, `row_attention`), or the
         transposed form alone where invariance is off."""
         if not self.invariant:
-            return step_products(transposed=True) if self._transposed else nullcontext()
-        stack = ExitStack()
-        stack.enter_context(step_products(self._transposed))
+            return self._products(transposed=True) if self._transposed else nullcontext()
+        stack = self._products(self._transposed)
         stack.enter_context(rows_attention(self.model))
+        return stack
+
+    def _products(self, transposed: bool) -> ExitStack:
+        """The model's plain linears routed to `step_products` for the step only: the model is left as it was."""
+        stack = ExitStack()
+        stack.enter_context(routed(self.model, self._linears))
+        stack.enter_context(step_products(transposed))
         return stack
 
     def keep(self, rows: torch.Tensor) -> None:

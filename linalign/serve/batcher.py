@@ -178,9 +178,7 @@ class Batcher:
         self._accepting = True
         self._drain_at: float | None = None
         self._decoder = aligner.decoder(prefill_chunk=prefill_chunk)
-        self._capacity = {
-            m: b.kv_capacity for m, b in self._decoder.backends.items() if getattr(b, "kv_capacity", None)
-        }
+        self._capacity = {m: b.kv_capacity for m, b in self._decoder.backends.items() if b.kv_capacity is not None}
         self._thread = threading.Thread(target=self._work, name="linalign-batcher", daemon=True)
 
     # -- called from the event loop --------------------------------------------------------------------
