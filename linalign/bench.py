@@ -111,7 +111,7 @@ def _two_pass(model, principled, plain, ratio: float, steps: int, pad_id: int) -
     """The reference code's structure: two contexts, two cached forward passes per token, the same chain."""
     contexts = [TransformersBackend(model, pad_id), TransformersBackend(model, pad_id)]
     logits = [c.add(ids) for c, ids in zip(contexts, (principled, plain), strict=True)]
-    plan = make_plan(AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio))
+    plan = make_plan(AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio, preset="paper"))
     chain = Chain(device=logits[0].device)
     chain.join([Row(plan, DecodeConfig()) for _ in principled])
     weights = term_weights(plan, len(principled), chain.device)
@@ -135,7 +135,7 @@ def _llama_cpp_plain(llm, prompts: list[list[int]], steps: int) -> None:
 
 def _aligned_runs(aligner: Aligner, prompts: list[str], new_tokens: int, ratio: float, options: dict | None):
     """linalign's Linear Alignment (with `options` too, where given) and its plain decoding."""
-    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio)
+    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio, preset="paper")
     prompting = AlignConfig(method="prompt", principles=[PRINCIPLE])
     config = DecodeConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     runs = {
@@ -177,7 +177,7 @@ def invariance_cost(
     """What batch invariance costs: Linear Alignment's prefill and decode tokens/s with the batch-invariant
     configuration against the stock one, per batch size (best of two runs). Prefill counts the prompt tokens of
     both contexts; decode, the new tokens after the first."""
-    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio)
+    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio, preset="paper")
     rows = []
     for batch in batches:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]

@@ -23,6 +23,7 @@ from linalign.options import (
     MaxNewOpt,
     ModelOpt,
     OneLineErrors,
+    PresetOpt,
     PrincipleOpt,
     RatioOpt,
     RawOpt,
@@ -333,6 +334,7 @@ def evaluate(
         int | None, typer.Option(help="Sampling seed; each task's own is derived from it and the task's id.")
     ] = None,
     samples: Annotated[int, typer.Option(help="Replies per question (with --temperature).")] = 1,
+    preset: PresetOpt = KNOBS["preset"].default,
     fluency: Annotated[bool, typer.Option(help="Perplexity of each reply under the plain model.")] = True,
     judge: Annotated[str | None, typer.Option(help="Local judge model (id, directory or .gguf).")] = None,
     judge_base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible judge endpoint.")] = None,
@@ -381,6 +383,7 @@ def evaluate(
         variants=_variants(kl_budgets, repeat_guards, masks, list(variant or [])),
         variant_ratios=_floats(variant_ratios or "", "--variant-ratios"),
         samples=samples,
+        preset=preset,
     )
     if settings.variants and "la" not in settings.methods:
         raise LinalignError("quality-option variants run Linear Alignment: add 'la' to --methods")

@@ -16,7 +16,19 @@ from dataclasses import field
 
 from linalign.amulet import amulet_weights
 from linalign.errors import LinalignError
-from linalign.params import ALIGN, DECODE, DRY_BREAKERS, MASKS, MAX_SEED, METHOD, METHODS, check, check_all, configured
+from linalign.params import (
+    ALIGN,
+    DECODE,
+    DRY_BREAKERS,
+    MASKS,
+    MAX_SEED,
+    METHOD,
+    METHODS,
+    PRESETS,
+    check,
+    check_all,
+    configured,
+)
 
 __all__ = ["DRY_BREAKERS", "MASKS", "METHODS", "AlignConfig", "DecodeConfig", "row_seed"]
 
@@ -71,7 +83,8 @@ class AlignConfig:
       (`amulet_iterations`, learning rate `amulet_eta`, reward scale `amulet_alpha`, multiplier `amulet_lambda`;
       the authors' defaults).
 
-    Options that trade compliance for fluent text (docs/quality.md); their defaults are the paper's recipe:
+    Options that trade compliance for fluent text (docs/quality.md); their defaults are the paper's recipe, but for
+    the loop penalty that `preset` gives Linear Alignment:
 
     - `kl_budget`: a per-token trust region. Each token uses the largest fraction `s` (on a grid of 1/64) of
       the contrast, `l_p + s (l - l_p)`, whose distribution stays within `kl_budget` nats of the principled
@@ -90,6 +103,11 @@ class AlignConfig:
       distribution's top probability) or "intersect" (the principled nucleus within the plain
       distribution's nucleus, the principled top token always kept).
 
+    `preset`: what Linear Alignment runs with where `dry_multiplier` is left unset: "default" adds the loop
+    penalty at multiplier 2 (DRY's base, allowed length and breakers), which on the built-in model passed the rule
+    of docs/quality.md on both principle sets, greedy and sampled, and on the structured suite; "paper" is the
+    authors' recipe exactly.
+
     Principles must not be blank: a blank one is an error wherever it comes from. `principles=None` makes a
     configuration whose principles come with each prompt (`Aligner.generate(principles=...)`: eval's runs).
     """
@@ -104,6 +122,8 @@ class AlignConfig:
         if isinstance(self.dry_breakers, str):
             self.dry_breakers = [self.dry_breakers]
         check_all(vars(self), ALIGN)
+        if self.dry_multiplier is None:
+            self.dry_multiplier = PRESETS[self.preset] if self.method == "la" else 0.0
         if self.principles is not None:
             self._check_principles()
         self._check_quality_options()

@@ -51,9 +51,15 @@ class LinearAlignmentLogitsProcessor(LogitsProcessor):
         unknown = sorted(set(options) - {"repeat_guard", "kl_budget", "mask", "plausibility_min_p"})
         if unknown:
             raise LinalignError(f"unknown option(s) {', '.join(unknown)} of LinearAlignmentLogitsProcessor")
-        # One principle, whose context is generate's own input: the plan needs no text of it.
+        # One principle, whose context is generate's own input: the plan needs no text of it. The paper's recipe
+        # plus `options`: the loop penalty is not among the processor's stages.
         config = AlignConfig(
-            method="la", principles=[GENERATES], ratio=ratio, plausibility_top_p=plausibility_top_p, **options
+            method="la",
+            principles=[GENERATES],
+            ratio=ratio,
+            plausibility_top_p=plausibility_top_p,
+            preset="paper",
+            **options,
         )
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise LinalignError(f"temperature must be a finite number > 0, got {temperature!r}")

@@ -81,6 +81,7 @@ def knob_options(knobs: Sequence[Knob]) -> Callable[[Callable], Callable]:
 
 
 RatioOpt = knob_option(KNOBS["ratio"])
+PresetOpt = knob_option(KNOBS["preset"])
 MaskOpt = knob_option(KNOBS["plausibility_top_p"])
 MaxNewOpt = knob_option(KNOBS["max_new_tokens"])
 TemperatureOpt = Annotated[float | None, typer.Option(help=KNOBS["temperature"].help)]  # eval's: None is greedy

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+
+from linalign import AlignConfig
+
+# The authors' recipe exactly: the default preset adds a loop penalty their code does not have.
+Paper = partial(AlignConfig, preset="paper")
 
 
 def nucleus(logits: torch.Tensor, top_p: float, temperature: float = 1.0) -> torch.Tensor:

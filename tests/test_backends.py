@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from reference import Paper
 
 from linalign import AlignConfig, Aligner, DecodeConfig, LinalignError
 from linalign.models import builtin_gguf, load_model, pick_backend
@@ -40,7 +41,7 @@ def test_both_backends_get_the_same_prompt_ids(llama, smollm2):
 def test_every_method_decodes_and_ratio_zero_is_prompting(llama):
     config = DecodeConfig(max_new_tokens=12)
     prompt = llama.generate(QUESTIONS, AlignConfig(method="prompt", principles=[PRINCIPLE]), config)
-    la0 = llama.generate(QUESTIONS, AlignConfig(method="la", principles=[PRINCIPLE], ratio=0.0), config)
+    la0 = llama.generate(QUESTIONS, Paper(method="la", principles=[PRINCIPLE], ratio=0.0), config)
     assert [g.token_ids for g in la0] == [g.token_ids for g in prompt]
     amulet0 = llama.generate(
         QUESTIONS, AlignConfig(method="amulet", principles=[PRINCIPLE], amulet_iterations=0), config

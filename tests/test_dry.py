@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from reference import Paper
 
 from linalign import AlignConfig, Aligner, DecodeConfig
 from linalign.config import DRY_BREAKERS
@@ -226,8 +227,19 @@ def test_options_reach_the_plan_and_the_label():
     assert AlignConfig(principles=["p"], dry_multiplier=1, dry_base=2, dry_allowed_length=4).label.endswith(
         "dry=1/b2/a4"
     )
-    assert AlignConfig(principles=["p"]).label == "la ratio=2"  # off by default: the paper's label
+    assert Paper(principles=["p"]).label == "la ratio=2"  # off in the paper's recipe
     assert make_plan(AlignConfig(method="prompt", principles=["p"], dry_multiplier=0.5)).dry_multiplier == 0.5
+
+
+def test_the_default_preset_gives_linear_alignment_the_penalty():
+    """Unset, `dry_multiplier` is the preset's for Linear Alignment (2 by default, 0 in the paper's recipe) and 0
+    for the other methods, which the rule of docs/quality.md did not judge; a value given wins over any preset."""
+    assert AlignConfig(principles=["p"]).dry_multiplier == 2
+    assert AlignConfig(principles=["p"]).label == "la ratio=2 dry=2"
+    assert AlignConfig(principles=["p"], preset="paper").dry_multiplier == 0.0
+    assert [AlignConfig(method=m, principles=["p"]).dry_multiplier for m in ("base", "prompt", "amulet")] == [0.0] * 3
+    assert AlignConfig(principles=["p"], preset="paper", dry_multiplier=0.8).dry_multiplier == 0.8
+    assert AlignConfig(principles=["p"], dry_multiplier=0).label == "la ratio=2"
 
 
 @pytest.mark.parametrize(
@@ -238,6 +250,7 @@ def test_options_reach_the_plan_and_the_label():
         ({"dry_base": 0.5}, "dry_base must be in"),
         ({"dry_allowed_length": 0}, "dry_allowed_length must be an integer"),
         ({"dry_breakers": [""]}, "dry_breakers must be"),
+        ({"preset": "fast"}, "unknown preset 'fast'; choose one of default, paper"),
     ],
 )
 def test_bad_options_are_refused_with_a_sentence(options, message):
@@ -303,7 +316,7 @@ def looping(tiny):
 
 def test_the_penalty_breaks_a_loop_and_equals_its_reference(looping):
     aligner, config = Aligner(looping), DecodeConfig(max_new_tokens=N)
-    loop = aligner.generate(QUESTIONS, AlignConfig(principles=[PRINCIPLE]), config)
+    loop = aligner.generate(QUESTIONS, Paper(principles=[PRINCIPLE]), config)
     assert all(g.token_ids[:9] == list(CYCLE * 3) for g in loop)
     soft = aligner.generate(QUESTIONS, AlignConfig(principles=[PRINCIPLE], dry_multiplier=M), config)
     for question, g in zip(QUESTIONS, soft, strict=True):
@@ -315,7 +328,7 @@ def test_the_penalty_breaks_a_loop_and_equals_its_reference(looping):
 
 def test_sequences_with_and_without_the_penalty_share_a_batch(looping):
     aligner, config = Aligner(looping), DecodeConfig(max_new_tokens=N)
-    aligns = [AlignConfig(principles=[PRINCIPLE], **o) for o in ({}, {"dry_multiplier": M}, {"dry_multiplier": 3.0})]
+    aligns = [Paper(principles=[PRINCIPLE], **o) for o in ({}, {"dry_multiplier": M}, {"dry_multiplier": 3.0})]
     alone = [aligner.generate([QUESTIONS[1]], a, config)[0].token_ids for a in aligns]
     assert alone[0] != alone[1] != alone[2]
     prepared = [aligner.prepare(QUESTIONS[1], a, config) for a in aligns]
@@ -345,6 +358,10 @@ def test_server_request_carries_the_penalty_and_refuses_bad_values():
     assert align.dry_breakers == ["\n", "|"] and align.label == "la ratio=2 dry=0.8/b2/a3/breakers=\\n||"
     with pytest.raises(APIError, match="dry_base must be in"):
         _align(request(dry_multiplier=0.8, dry_base=0.5), messages, False, 2.0)
+    assert _align(request(), messages, False, 2.0)[0].dry_multiplier == 2  # the default preset
+    assert _align(request(preset="paper"), messages, False, 2.0)[0].label == "la ratio=2"
+    with pytest.raises(ValueError, match="preset"):
+        request(preset="fast")
 
 
 def test_cli_and_eval_take_the_penalty(tiny, tmp_path):
@@ -360,9 +377,15 @@ def test_cli_and_eval_take_the_penalty(tiny, tmp_path):
     assert labels == ["prompt", "la"]
     bad = CliRunner().invoke(app, [*args, "--dry-multiplier", "0.8", "--dry-allowed-length", "0"])
     assert bad.exit_code == 2 and "dry_allowed_length must be" in bad.output
+    paper = CliRunner().invoke(app, [*args, "--method", "la", "--preset", "paper"])
+    assert paper.exit_code == 0, paper.output
+    unknown = CliRunner().invoke(app, [*args, "--preset", "fast"])
+    assert unknown.exit_code == 2 and "unknown preset 'fast'" in unknown.output
     variants = _variants(None, None, None, ["dry_multiplier=0.8,dry_allowed_length=4", "dry_multiplier=2,mask=min_p"])
     assert variants == [{"dry_multiplier": 0.8, "dry_allowed_length": 4}, {"dry_multiplier": 2.0, "mask": "min_p"}]
-    settings = EvalSettings("principles", "m", ["prompt", "la"], ratios=[2.0], variants=variants)
+    by_default = EvalSettings("principles", "m", ["la"], variants=[{"dry_multiplier": 2}, {"mask": "min_p"}])
+    assert [a.label for a in by_default.runs()] == ["la ratio=2 dry=2", "la ratio=2 mask=min_p0.1 dry=2"]
+    settings = EvalSettings("principles", "m", ["prompt", "la"], ratios=[2.0], variants=variants, preset="paper")
     assert [a.label for a in settings.runs()] == [
         "prompt",
         "la ratio=2",

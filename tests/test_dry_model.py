@@ -1,5 +1,5 @@
 """The loop penalty on the built-in model: a Linear Alignment reply that loops at the paper's setting stops
-looping, and structured replies keep their structure."""
+looping (under the default too), and structured replies keep their structure."""
 
 from __future__ import annotations
 
@@ -30,19 +30,19 @@ def test_a_looping_reply_stops_looping(smollm2):
     """The first 24 shipped questions under the demo's principle, one batch, at the paper's setting: some
     replies loop ("consider their breed size breed weight temperament breed size temperament temperament ...",
     a sentence said again and again). With the penalty at DRY's recommended multiplier no reply repeats a
-    4-gram more than three times (a phrase opening differing lines, such as "make sure to", may come back)."""
+    4-gram more than three times (a phrase opening differing lines, such as "make sure to", may come back), and
+    under the default (the penalty at multiplier 2) none more than twice."""
     aligner, config = Aligner(smollm2), DecodeConfig(max_new_tokens=64)
     questions = load_questions()[:24]
     brief = "Keep every answer very short: no more than 30 words in total."
-    paper, soft = (
-        [
-            most_repeated_4gram(t)
-            for t in _decode(aligner, questions, [AlignConfig(principles=[brief], dry_multiplier=m)] * 24, config)
-        ]
-        for m in (0.0, 0.8)
+    aligns = [AlignConfig(principles=[brief], preset="paper", **o) for o in ({}, {"dry_multiplier": 0.8})]
+    paper, soft, default = (
+        [most_repeated_4gram(t) for t in _decode(aligner, questions, [align] * 24, config)]
+        for align in (*aligns, AlignConfig(principles=[brief]))
     )
     assert max(paper) >= 10, paper
     assert max(soft) <= 3 and sum(soft) < sum(paper), (paper, soft)
+    assert max(default) <= 2, default
 
 
 def test_structured_replies_keep_their_structure(smollm2):

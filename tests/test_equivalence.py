@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import hf_greedy
-from reference import nucleus
+from reference import Paper, nucleus
 
 from linalign import AlignConfig, Aligner, DecodeConfig
 from linalign.hf import LinearAlignmentLogitsProcessor
@@ -59,7 +59,7 @@ def tiny_aligner(tiny, tiny_other) -> Aligner:
 def test_ratio_zero_equals_plain_generate_on_principled_prompt(tiny_aligner, tiny, question):
     ids = build_ids(tiny.tokenizer, question, PRINCIPLE)
     expected = hf_greedy(tiny, ids, 24)
-    got = engine_ids(tiny_aligner, [question], AlignConfig(method="la", principles=[PRINCIPLE], ratio=0.0), 24)
+    got = engine_ids(tiny_aligner, [question], Paper(method="la", principles=[PRINCIPLE], ratio=0.0), 24)
     assert got[0] == expected
 
 
@@ -69,7 +69,7 @@ def test_unmasked_la_equals_hf_classifier_free_guidance(tiny_aligner, tiny, rati
     principled = build_ids(tiny.tokenizer, question, PRINCIPLE)
     plain = build_ids(tiny.tokenizer, question)
     expected = hf_greedy(tiny, principled, 24, guidance_scale=1 + ratio, negative_prompt_ids=torch.tensor([plain]))
-    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio, plausibility_top_p=1.0)
+    align = Paper(method="la", principles=[PRINCIPLE], ratio=ratio, plausibility_top_p=1.0)
     assert engine_ids(tiny_aligner, [question], align, 24)[0] == expected
 
 
@@ -79,7 +79,7 @@ def test_masked_la_equals_authors_reference_loop(tiny_aligner, tiny, ratio, top_
     principled = build_ids(tiny.tokenizer, question, PRINCIPLE)
     plain = build_ids(tiny.tokenizer, question)
     expected = authors_reference(tiny, principled, plain, ratio, top_p, 20)
-    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio, plausibility_top_p=top_p)
+    align = Paper(method="la", principles=[PRINCIPLE], ratio=ratio, plausibility_top_p=top_p)
     assert engine_ids(tiny_aligner, [question], align, 20)[0] == expected
 
 
@@ -92,13 +92,13 @@ def test_sampled_la_equals_authors_reference_sampling(tiny_aligner, tiny, temper
     generator = torch.Generator().manual_seed(11)
     expected = authors_reference(tiny, principled, plain, 2.0, 0.8, 20, temperature=temperature, generator=generator)
     config = DecodeConfig(max_new_tokens=20, temperature=temperature, seed=11)
-    got = tiny_aligner.generate([question], AlignConfig(method="la", principles=[PRINCIPLE]), config)[0].token_ids
+    got = tiny_aligner.generate([question], Paper(method="la", principles=[PRINCIPLE]), config)[0].token_ids
     assert got == expected
 
 
 @pytest.mark.parametrize("method", ["base", "prompt", "la", "dera"])
 def test_batched_equals_one_at_a_time(tiny_aligner, method):
-    align = AlignConfig(method=method, principles=[PRINCIPLE], ratio=2.0, lam=0.5)
+    align = Paper(method=method, principles=[PRINCIPLE], ratio=2.0, lam=0.5)
     batched = engine_ids(tiny_aligner, QUESTIONS, align, 16)
     single = [engine_ids(tiny_aligner, [q], align, 16)[0] for q in QUESTIONS]
     assert batched == single
@@ -109,12 +109,12 @@ def test_dera_endpoints_equal_each_models_own_greedy_output(tiny_aligner, lam, w
     loaded = tiny_aligner.main if which == "main" else tiny_aligner.reference
     ids = build_ids(loaded.tokenizer, QUESTIONS[0])
     expected = hf_greedy(loaded, ids, 20)
-    assert engine_ids(tiny_aligner, [QUESTIONS[0]], AlignConfig(method="dera", lam=lam), 20)[0] == expected
+    assert engine_ids(tiny_aligner, [QUESTIONS[0]], Paper(method="dera", lam=lam), 20)[0] == expected
 
 
 def test_dera_extrapolation_differs_from_both_endpoints(tiny_aligner):
-    ends = [engine_ids(tiny_aligner, QUESTIONS[:1], AlignConfig(method="dera", lam=lam), 20)[0] for lam in (0, 1)]
-    beyond = engine_ids(tiny_aligner, QUESTIONS[:1], AlignConfig(method="dera", lam=2.5), 20)[0]
+    ends = [engine_ids(tiny_aligner, QUESTIONS[:1], Paper(method="dera", lam=lam), 20)[0] for lam in (0, 1)]
+    beyond = engine_ids(tiny_aligner, QUESTIONS[:1], Paper(method="dera", lam=2.5), 20)[0]
     assert beyond not in ends
 
 
@@ -124,12 +124,12 @@ def test_hf_logits_processor_equals_engine(tiny_aligner, tiny):
     plain = build_ids(tiny.tokenizer, question)
     processor = LinearAlignmentLogitsProcessor(tiny.model, [plain], ratio=2.0)
     got = hf_greedy(tiny, principled, 20, logits_processor=[processor])
-    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=2.0)
+    align = Paper(method="la", principles=[PRINCIPLE], ratio=2.0)
     assert got == engine_ids(tiny_aligner, [question], align, 20)[0]
 
 
 def test_streaming_reassembles_generate_text(tiny_aligner):
-    align = AlignConfig(method="la", principles=[PRINCIPLE])
+    align = Paper(method="la", principles=[PRINCIPLE])
     config = DecodeConfig(max_new_tokens=12)
     texts = ["", "", ""]
     for deltas in tiny_aligner.stream(QUESTIONS, align, config):
@@ -139,7 +139,7 @@ def test_streaming_reassembles_generate_text(tiny_aligner):
 
 
 def test_sampling_with_seed_is_reproducible(tiny_aligner):
-    align = AlignConfig(method="la", principles=[PRINCIPLE])
+    align = Paper(method="la", principles=[PRINCIPLE])
     runs = [
         tiny_aligner.generate(QUESTIONS, align, DecodeConfig(max_new_tokens=12, temperature=1.0, seed=s))
         for s in (7, 7, 8)
@@ -150,7 +150,7 @@ def test_sampling_with_seed_is_reproducible(tiny_aligner):
 
 def test_a_seeded_sample_does_not_depend_on_its_companions(tiny_aligner):
     """Prompt i samples with seed + i from its own generator: alone, or beside others that finish early."""
-    align = AlignConfig(method="la", principles=[PRINCIPLE])
+    align = Paper(method="la", principles=[PRINCIPLE])
 
     def sample(prompts, seed, n=12):
         config = DecodeConfig(max_new_tokens=n, temperature=1.0, seed=seed)
@@ -173,22 +173,22 @@ def test_several_principles_equal_reference_loop(tiny_aligner, tiny, weights):
     contexts.append(build_ids(tiny.tokenizer, question))
     anchor = next(i for i, w in enumerate(weights) if w > 0)
     expected = reference_loop(tiny, contexts, [*weights, 1 - sum(weights)], anchor, 0.8, 16)
-    align = AlignConfig(method="la", principles=[PRINCIPLE, SECOND], weights=list(weights), ratio=0.0)
+    align = Paper(method="la", principles=[PRINCIPLE, SECOND], weights=list(weights), ratio=0.0)
     assert engine_ids(tiny_aligner, [question], align, 16)[0] == expected
 
 
 @pytest.mark.parametrize("weight,ratio", [(2.5, 0.0), (1.0, 1.5), (0.5, 4.0)])
 def test_weights_scale_the_ratio(tiny_aligner, weight, ratio):
     """A principle's coefficient is c = w (1 + r): weight 2.5 at r = 0, 1 at 1.5 and 0.5 at 4 all decode as r = 1.5."""
-    by_ratio = AlignConfig(method="la", principles=[PRINCIPLE], ratio=1.5)
-    by_weight = AlignConfig(method="la", principles=[PRINCIPLE], weights=[weight], ratio=ratio)
+    by_ratio = Paper(method="la", principles=[PRINCIPLE], ratio=1.5)
+    by_weight = Paper(method="la", principles=[PRINCIPLE], weights=[weight], ratio=ratio)
     assert engine_ids(tiny_aligner, QUESTIONS, by_ratio, 16) == engine_ids(tiny_aligner, QUESTIONS, by_weight, 16)
     assert by_weight.label == f"la ratio={ratio:g} weights={weight:g}"
 
 
 def test_zero_weight_principle_equals_run_without_it(tiny_aligner):
-    alone = AlignConfig(method="la", principles=[PRINCIPLE], weights=[3.0])
-    with_zero = AlignConfig(method="la", principles=[PRINCIPLE, SECOND], weights=[3.0, 0.0])
+    alone = Paper(method="la", principles=[PRINCIPLE], weights=[3.0])
+    with_zero = Paper(method="la", principles=[PRINCIPLE, SECOND], weights=[3.0, 0.0])
     assert engine_ids(tiny_aligner, QUESTIONS, with_zero, 16) == engine_ids(tiny_aligner, QUESTIONS, alone, 16)
 
 
@@ -196,19 +196,19 @@ def test_negative_principle_pushes_away(tiny_aligner, tiny):
     question = QUESTIONS[0]
     contexts = [build_ids(tiny.tokenizer, question, PRINCIPLE), build_ids(tiny.tokenizer, question)]
     expected = reference_loop(tiny, contexts, [-2.0, 3.0], 1, 0.8, 16)
-    align = AlignConfig(method="la", principles=[PRINCIPLE], weights=[-2.0], ratio=0.0)
+    align = Paper(method="la", principles=[PRINCIPLE], weights=[-2.0], ratio=0.0)
     assert engine_ids(tiny_aligner, [question], align, 16)[0] == expected
 
 
 @pytest.mark.parametrize("method", ["prompt", "la"])
 def test_per_prompt_principles_equal_separate_runs(tiny_aligner, method):
     rows = [[PRINCIPLE], [SECOND], ["Reply in French."]]
-    align = AlignConfig(method=method, principles=["placeholder"], ratio=2.0)
+    align = Paper(method=method, principles=["placeholder"], ratio=2.0)
     batched = [
         g.token_ids for g in tiny_aligner.generate(QUESTIONS, align, DecodeConfig(max_new_tokens=12), principles=rows)
     ]
     single = [
-        engine_ids(tiny_aligner, [q], AlignConfig(method=method, principles=p, ratio=2.0), 12)[0]
+        engine_ids(tiny_aligner, [q], Paper(method=method, principles=p, ratio=2.0), 12)[0]
         for q, p in zip(QUESTIONS, rows, strict=True)
     ]
     assert batched == single
@@ -218,9 +218,9 @@ def test_rows_with_different_numbers_of_contexts_share_a_batch(tiny_aligner):
     """One, two and three contexts per row in one batch, rows finishing at different steps: each row decodes
     as it would alone."""
     configs = [
-        AlignConfig(method="prompt", principles=[PRINCIPLE]),
-        AlignConfig(method="la", principles=[PRINCIPLE], ratio=2.0),
-        AlignConfig(method="la", principles=[PRINCIPLE, SECOND], weights=[1.0, -0.5], ratio=1.0),
+        Paper(method="prompt", principles=[PRINCIPLE]),
+        Paper(method="la", principles=[PRINCIPLE], ratio=2.0),
+        Paper(method="la", principles=[PRINCIPLE, SECOND], weights=[1.0, -0.5], ratio=1.0),
     ]
     lengths = [3, 12, 7]
     prepared = [
@@ -263,7 +263,7 @@ def test_amulet_equals_the_authors_iteration(tiny_aligner, tiny, iterations, eta
     principled = build_ids(tiny.tokenizer, question, PRINCIPLE)
     plain = build_ids(tiny.tokenizer, question)
     expected = amulet_reference(tiny, principled, plain, iterations, eta, alpha, lam, 16)
-    align = AlignConfig(
+    align = Paper(
         method="amulet",
         principles=[PRINCIPLE],
         amulet_iterations=iterations,
@@ -275,8 +275,8 @@ def test_amulet_equals_the_authors_iteration(tiny_aligner, tiny, iterations, eta
 
 
 def test_amulet_with_zero_iterations_is_principled_decoding(tiny_aligner):
-    amulet = AlignConfig(method="amulet", principles=[PRINCIPLE], amulet_iterations=0)
-    prompt = AlignConfig(method="prompt", principles=[PRINCIPLE])
+    amulet = Paper(method="amulet", principles=[PRINCIPLE], amulet_iterations=0)
+    prompt = Paper(method="prompt", principles=[PRINCIPLE])
     assert engine_ids(tiny_aligner, QUESTIONS, amulet, 16) == engine_ids(tiny_aligner, QUESTIONS, prompt, 16)
 
 
@@ -295,7 +295,7 @@ def test_ratio_zero_equals_generate_with_standard_processors(tiny_aligner, tiny)
     question = QUESTIONS[2]
     ids = build_ids(tiny.tokenizer, question, PRINCIPLE)
     expected = hf_greedy(tiny, ids, 24, repetition_penalty=1.3, no_repeat_ngram_size=2)
-    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=0.0)
+    align = Paper(method="la", principles=[PRINCIPLE], ratio=0.0)
     config = DecodeConfig(max_new_tokens=24, repetition_penalty=1.3, no_repeat_ngram_size=2)
     assert tiny_aligner.generate([question], align, config)[0].token_ids == expected
 
@@ -305,7 +305,7 @@ def test_min_new_tokens_holds_back_eos_as_generate_does(tiny_aligner, tiny, monk
     ids = build_ids(tiny.tokenizer, question, PRINCIPLE)
     ends = sorted(set(hf_greedy(tiny, ids, 6)))  # the tokens greedy decoding picks first now end a sequence
     monkeypatch.setattr(tiny.model.generation_config, "eos_token_id", ends)
-    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=0.0)
+    align = Paper(method="la", principles=[PRINCIPLE], ratio=0.0)
     assert len(tiny_aligner.generate([question], align, DecodeConfig(max_new_tokens=12))[0].token_ids) == 1
     expected = hf_greedy(tiny, ids, 12, min_new_tokens=8)
     got = tiny_aligner.generate([question], align, DecodeConfig(max_new_tokens=12, min_new_tokens=8))[0].token_ids

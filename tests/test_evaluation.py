@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from linalign.errors import LinalignError
 from linalign.evaluation.judges import judge_pairs, parse_verdict
 from linalign.evaluation.metrics import distinct_n, perplexities, repeated_ngram_rate
 from linalign.evaluation.report import summarise, write_reports
-from linalign.evaluation.runner import RECORDS, EvalSettings, judge_runs, read_records, run_eval
+from linalign.evaluation.runner import RECORDS, SETTINGS, EvalSettings, judge_runs, read_records, run_eval
 from linalign.evaluation.suites import Task, build_tasks, question_of, sampled
 from linalign.prompts import build_ids
 
@@ -80,11 +81,11 @@ def test_runner_streams_and_resumes(tiny, tmp_path):
     settings = EvalSettings(suite="test", model="tiny", methods=["prompt", "la"], ratios=[1.0, 4.0], max_new_tokens=4)
     records = run_eval(aligner, _tasks()[:2], settings, tmp_path, batch_size=2, show_progress=False)
     assert len(records) == 2 * 3
-    assert {r["run"] for r in records} == {"prompt", "la ratio=1", "la ratio=4"}
+    assert {r["run"] for r in records} == {"prompt", "la ratio=1 dry=2", "la ratio=4 dry=2"}  # the default preset
     first_lines = (tmp_path / RECORDS).read_text().splitlines()
     # an interrupted write leaves a partial line: it is dropped and that work redone
     with (tmp_path / RECORDS).open("a") as f:
-        f.write('{"run": "la ratio=1", "task": "t2", "te')
+        f.write('{"run": "la ratio=1 dry=2", "task": "t2", "te')
     again = run_eval(aligner, _tasks(), settings, tmp_path, batch_size=3, show_progress=False)
     assert len(again) == 4 * 3
     assert (tmp_path / RECORDS).read_text().splitlines()[: len(first_lines)] == first_lines
@@ -100,6 +101,19 @@ def test_runner_refuses_a_directory_with_other_settings(tiny, tmp_path):
     changed = EvalSettings(suite="test", model="tiny", methods=["base"], max_new_tokens=3)
     with pytest.raises(LinalignError, match="max_new_tokens"):
         run_eval(aligner, _tasks()[:1], changed, tmp_path, show_progress=False)
+
+
+def test_results_from_before_the_presets_count_as_the_papers(tiny, tmp_path):
+    """A directory whose settings predate `preset` was made with the paper's recipe: resuming it under the
+    default preset would mix the two, so it is refused; under the paper's preset it resumes."""
+    aligner, tasks = Aligner(tiny), _tasks()[:1]
+    settings = EvalSettings(suite="test", model="tiny", methods=["base"], max_new_tokens=2, preset="paper")
+    run_eval(aligner, tasks, settings, tmp_path, show_progress=False, fluency=False)
+    stored = json.loads((tmp_path / SETTINGS).read_text())
+    (tmp_path / SETTINGS).write_text(json.dumps({k: v for k, v in stored.items() if k != "preset"}))
+    with pytest.raises(LinalignError, match="preset"):
+        run_eval(aligner, tasks, replace(settings, preset="default"), tmp_path, show_progress=False)
+    assert len(run_eval(aligner, tasks, settings, tmp_path, show_progress=False, fluency=False)) == 1
 
 
 def test_samples_have_their_own_seeds_whatever_the_batching(tiny, tmp_path):
@@ -222,7 +236,7 @@ def test_runner_combines_extra_principles_in_linear_alignment(tiny, tmp_path):
         extra_weights=[-1.0],
     )
     records = run_eval(aligner, _tasks()[:2], settings, tmp_path, show_progress=False, fluency=False)
-    assert {r["run"] for r in records} == {"prompt", "la ratio=1 weights=1,-1"}
+    assert {r["run"] for r in records} == {"prompt", "la ratio=1 weights=1,-1 dry=2"}
     from linalign import AlignConfig, DecodeConfig
 
     direct = aligner.generate(

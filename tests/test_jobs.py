@@ -65,10 +65,10 @@ def test_records_carry_the_input_and_the_result(tiny, tmp_path, executor):
     assert set(by_key) == {("a", "prompt"), ("a", "la"), (2, "base"), (7, "prompt"), (7, "la")}
     a = by_key["a", "la"]
     assert list(a)[:4] == ["id", "prompt", "source", "principle"]  # the input first, passed through
-    assert a["run"] == "la ratio=2" and a["ratio"] == 2.0 and a["new_tokens"] == 4
+    assert a["run"] == "la ratio=2 dry=2" and a["ratio"] == 2.0 and a["new_tokens"] == 4  # the default preset
     assert {"text", "prompt_tokens", "finish_reason"} <= set(a)
     assert by_key[2, "base"]["new_tokens"] <= 2  # line number as id, the record's own budget
-    assert by_key[7, "la"]["run"] == "la ratio=3 weights=1,-0.5"
+    assert by_key[7, "la"]["run"] == "la ratio=3 weights=1,-0.5 dry=2"
     assert by_key["a", "prompt"]["ratio"] == 0.0
 
 
@@ -201,9 +201,10 @@ def test_the_command_line_runs_a_job_and_refuses_what_does_not_fit(tiny, tmp_pat
     ]:
         result = CliRunner().invoke(app, [*base, *extra])
         assert result.exit_code == 2 and message in result.output, (extra, result.output)
-    dry = CliRunner().invoke(app, [*base, "--output", str(tmp_path / "dry.jsonl"), "--dry-multiplier", "0.8"])
-    assert dry.exit_code == 0, dry.output  # the loop penalty, like every option of generate, reaches the job
-    assert {r["run"] for r in lines(tmp_path / "dry.jsonl")} == {"la ratio=2 dry=0.8"}
+    for option, run in (["--dry-multiplier", "0.8"], "la ratio=2 dry=0.8"), (["--preset", "paper"], "la ratio=2"):
+        done = CliRunner().invoke(app, [*base, "--output", str(tmp_path / f"{run}.jsonl"), *option])
+        assert done.exit_code == 0, done.output  # like every option of generate, they reach the job
+        assert {r["run"] for r in lines(tmp_path / f"{run}.jsonl")} == {run}
     result = CliRunner().invoke(app, ["generate", "Hi", "--output", str(out)])
     assert result.exit_code == 2 and "--input" in result.output
     missing = CliRunner().invoke(app, ["generate", "--input", str(tmp_path / "nope.jsonl"), "--output", str(out)])

@@ -11,9 +11,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 from conftest import hf_greedy
-from reference import nucleus
+from reference import Paper, nucleus
 
-from linalign import AlignConfig, Aligner, DecodeConfig, LinearAlignmentLogitsProcessor
+from linalign import Aligner, DecodeConfig, LinearAlignmentLogitsProcessor
 from linalign.errors import LinalignError
 from linalign.evaluation import checkers
 from linalign.evaluation.datasets import load_principles, load_questions
@@ -146,7 +146,7 @@ def _reference_kwargs(options: dict) -> dict:
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_option_equals_its_reference_loop_batched(tiny_aligner, tiny, name, ratio=RATIO):
     options = OPTIONS[name]
-    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=ratio, **options)
+    align = Paper(method="la", principles=[PRINCIPLE], ratio=ratio, **options)
     got = [g.token_ids for g in tiny_aligner.generate(QUESTIONS, align, DecodeConfig(max_new_tokens=N))]
     for question, tokens in zip(QUESTIONS, got, strict=True):
         principled, plain = build_ids(tiny.tokenizer, question, PRINCIPLE), build_ids(tiny.tokenizer, question)
@@ -199,10 +199,8 @@ def looping(loaded):
 def test_repeat_guard_breaks_a_loop_and_equals_its_reference(tiny_aligner, tiny, n):
     config = DecodeConfig(max_new_tokens=N)
     with looping(tiny):
-        loop = tiny_aligner.generate(QUESTIONS[:2], AlignConfig(principles=[PRINCIPLE], ratio=2.0), config)
-        guarded = tiny_aligner.generate(
-            QUESTIONS[:2], AlignConfig(principles=[PRINCIPLE], ratio=2.0, repeat_guard=n), config
-        )
+        loop = tiny_aligner.generate(QUESTIONS[:2], Paper(principles=[PRINCIPLE], ratio=2.0), config)
+        guarded = tiny_aligner.generate(QUESTIONS[:2], Paper(principles=[PRINCIPLE], ratio=2.0, repeat_guard=n), config)
         assert all(g.token_ids[:6] == list(CYCLE * 2) for g in loop)
         for question, g in zip(QUESTIONS[:2], guarded, strict=True):
             grams = [tuple(g.token_ids[i : i + n]) for i in range(len(g.token_ids) - n + 1)]
@@ -215,20 +213,18 @@ def test_options_change_the_choice(tiny_aligner):
     """Each option acts on the tiny model (else the equivalence above would prove nothing); the guard,
     which needs a loop to act, is shown acting above."""
     config = DecodeConfig(max_new_tokens=N)
-    paper = [
-        g.token_ids for g in tiny_aligner.generate(QUESTIONS, AlignConfig(principles=[PRINCIPLE], ratio=8.0), config)
-    ]
+    paper = [g.token_ids for g in tiny_aligner.generate(QUESTIONS, Paper(principles=[PRINCIPLE], ratio=8.0), config)]
     for name, options in OPTIONS.items():
         if name.startswith("guard"):
             continue
-        align = AlignConfig(principles=[PRINCIPLE], ratio=RATIO, **options)
+        align = Paper(principles=[PRINCIPLE], ratio=RATIO, **options)
         assert [g.token_ids for g in tiny_aligner.generate(QUESTIONS, align, config)] != paper, name
 
 
 def test_unbounded_budget_is_the_paper_and_plans_mix_in_one_batch(tiny_aligner):
     """A KL budget no step reaches keeps r; sequences with different options share a batch unchanged."""
     config = DecodeConfig(max_new_tokens=N)
-    aligns = [AlignConfig(principles=[PRINCIPLE], ratio=4.0, **o) for o in ({}, {"kl_budget": 1e9}, OPTIONS["all"])]
+    aligns = [Paper(principles=[PRINCIPLE], ratio=4.0, **o) for o in ({}, {"kl_budget": 1e9}, OPTIONS["all"])]
     alone = [tiny_aligner.generate([QUESTIONS[1]], a, config)[0].token_ids for a in aligns]
     assert alone[0] == alone[1]
     prepared = [tiny_aligner.prepare(QUESTIONS[1], a, config) for a in aligns]
@@ -260,13 +256,13 @@ def test_unbounded_budget_is_the_paper_and_plans_mix_in_one_batch(tiny_aligner):
 def test_bad_quality_options_are_refused_with_a_sentence(options, message):
     kwargs = {"method": "la", "principles": [PRINCIPLE]} | options
     with pytest.raises(LinalignError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
-        AlignConfig(**kwargs)
+        Paper(**kwargs)
 
 
 def test_labels_name_the_options_and_keep_the_paper_label():
-    assert AlignConfig(principles=[PRINCIPLE]).label == "la ratio=2"
-    assert AlignConfig(principles=[PRINCIPLE], kl_budget=0.5, repeat_guard=3).label == "la ratio=2 kl=0.5 guard=3"
-    assert AlignConfig(principles=[PRINCIPLE], mask="min_p").label == "la ratio=2 mask=min_p0.1"
+    assert Paper(principles=[PRINCIPLE]).label == "la ratio=2"
+    assert Paper(principles=[PRINCIPLE], kl_budget=0.5, repeat_guard=3).label == "la ratio=2 kl=0.5 guard=3"
+    assert Paper(principles=[PRINCIPLE], mask="min_p").label == "la ratio=2 mask=min_p0.1"
 
 
 # -- the Pareto view and the eval sweep of the options ------------------------------------------------------------
@@ -341,7 +337,13 @@ def test_eval_sweeps_the_options_as_variants(tmp_path):
         {"kl_budget": 1.0, "repeat_guard": 3},
     ]
     settings = EvalSettings(
-        "principles", "m", ["prompt", "la"], ratios=[2.0], variants=variants[:3], variant_ratios=[2.0, 8.0]
+        "principles",
+        "m",
+        ["prompt", "la"],
+        ratios=[2.0],
+        variants=variants[:3],
+        variant_ratios=[2.0, 8.0],
+        preset="paper",
     )
     labels = [a.label for a in settings.runs()]
     assert labels == [
@@ -357,7 +359,12 @@ def test_eval_sweeps_the_options_as_variants(tmp_path):
     with pytest.raises(LinalignError, match="options are ratio="):
         _variants(None, None, None, ["top_k=3"])
     pinned = EvalSettings(
-        "principles", "m", ["la"], ratios=[2.0], variants=_variants(None, None, None, ["ratio=8,kl_budget=1"])
+        "principles",
+        "m",
+        ["la"],
+        ratios=[2.0],
+        variants=_variants(None, None, None, ["ratio=8,kl_budget=1"]),
+        preset="paper",
     )
     assert [a.label for a in pinned.runs()] == ["la ratio=2", "la ratio=8 kl=1"]
 
@@ -367,9 +374,8 @@ def test_server_request_carries_the_options_and_refuses_bad_ones():
     from linalign.serve.schemas import ChatCompletionRequest
 
     def request(**options):
-        return ChatCompletionRequest(
-            messages=[{"role": "user", "content": "Hi"}], linalign={"principle": PRINCIPLE, **options}
-        )
+        options = {"principle": PRINCIPLE, "preset": "paper", **options}
+        return ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], linalign=options)
 
     body = request(kl_budget=1.0, repeat_guard=4, mask="min_p", plausibility_min_p=0.05)
     align, _ = _align(body, [{"role": "user", "content": "Hi"}], False, 2.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import hf_greedy
+from reference import Paper
 
 from linalign import AlignConfig, Aligner, DecodeConfig
 from linalign.prompts import build_ids
@@ -25,7 +26,7 @@ def _greedy(loaded, ids, n, **kwargs) -> str:
 def test_ratio_zero_equals_plain_generate(aligner, smollm2):
     expected = _greedy(smollm2, build_ids(smollm2.tokenizer, QUESTION, PRINCIPLE), 32)
     got = aligner.generate(
-        [QUESTION], AlignConfig(method="la", principles=[PRINCIPLE], ratio=0.0), DecodeConfig(max_new_tokens=32)
+        [QUESTION], Paper(method="la", principles=[PRINCIPLE], ratio=0.0), DecodeConfig(max_new_tokens=32)
     )
     assert got[0].text == expected
 
@@ -39,7 +40,7 @@ def test_unmasked_la_equals_hf_cfg(aligner, smollm2):
         guidance_scale=3.0,
         negative_prompt_ids=torch.tensor([plain]),
     )
-    align = AlignConfig(method="la", principles=[PRINCIPLE], ratio=2.0, plausibility_top_p=0)
+    align = Paper(method="la", principles=[PRINCIPLE], ratio=2.0, plausibility_top_p=0)
     assert aligner.generate([QUESTION], align, DecodeConfig(max_new_tokens=32))[0].text == expected
 
 

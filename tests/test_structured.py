@@ -95,6 +95,7 @@ def test_eval_runs_the_suite(tiny, tmp_path):
 
     args = ["eval", "--suite", "structured", "--model", tiny.name, "--limit", "1", "--methods", "prompt,la"]
     args += ["--max-new-tokens", "4", "--no-fluency", "--out", str(tmp_path), "--variant", "dry_multiplier=0.8"]
+    args += ["--preset", "paper"]  # the rule's reference is the paper's recipe
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())

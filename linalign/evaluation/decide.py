@@ -5,7 +5,8 @@ is at most 1.1x the paper's; on the structured suite its validity is not lower (
 
     python -m linalign.evaluation.decide runs/dry-structured runs/dry-principles ...
 
-prints, per candidate and per results directory, each condition with its margin.
+prints, per candidate and per results directory, each condition with its margin. The reference is the paper's
+recipe, `la ratio=2` with no option: run the evaluation with `--preset paper` (la's default has the loop penalty).
 """
 
 from __future__ import annotations

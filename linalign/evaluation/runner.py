@@ -55,6 +55,7 @@ class EvalSettings:
     variants: list[dict] = field(default_factory=list)
     variant_ratios: list[float] = field(default_factory=list)
     samples: int = 1  # replies per question (sampling only)
+    preset: str = KNOBS["preset"].default  # Linear Alignment's; results from before it existed were "paper"'s
 
     def runs(self) -> list[AlignConfig]:
         """One AlignConfig per (method, strength) of the sweep, then one per (variant, ratio) of Linear
@@ -64,7 +65,7 @@ class EvalSettings:
             for options in self.variants:  # a variant may pin its own ratio (e.g. a trust region's cap)
                 for ratio in [options["ratio"]] if "ratio" in options else self.variant_ratios or self.ratios:
                     configs.append(replace(configs_la(self), **({"ratio": ratio} | options)))
-        return configs
+        return list({c.label: c for c in configs}.values())  # a variant may be what the preset gives already
 
     def _method_runs(self) -> list[AlignConfig]:
         configs = []
@@ -75,6 +76,8 @@ class EvalSettings:
                 if method == "la" and self.extra_principles:
                     knob["weights"] = [1.0, *self.extra_weights]
                 # Each task brings its own principles: the configuration takes them with each prompt.
+                if method == "la":
+                    knob["preset"] = self.preset
                 configs.append(
                     AlignConfig(method=method, principles=None, plausibility_top_p=self.plausibility_top_p, **knob)
                 )
@@ -97,7 +100,9 @@ def configs_la(settings: EvalSettings) -> AlignConfig:
     """Linear Alignment as the sweep runs it (the extra principles' weights, the mask; the principles come with
     each task)."""
     knob = {"weights": [1.0, *settings.extra_weights]} if settings.extra_principles else {}
-    return AlignConfig(method="la", principles=None, plausibility_top_p=settings.plausibility_top_p, **knob)
+    return AlignConfig(
+        method="la", principles=None, plausibility_top_p=settings.plausibility_top_p, preset=settings.preset, **knob
+    )
 
 
 def read_records(path: Path) -> list[dict]:
@@ -144,7 +149,7 @@ def _guard_settings(out: Path, settings: EvalSettings) -> None:
     previous = check_settings(
         path,
         current,
-        asdict(EvalSettings(suite="", model="", methods=[])),
+        asdict(EvalSettings(suite="", model="", methods=[], preset="paper")),
         growable=("methods", "ratios", "lams", "variants", "variant_ratios"),
         target=str(out),
         remedy="choose another --out directory",
