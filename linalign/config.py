@@ -122,8 +122,6 @@ class AlignConfig:
         if isinstance(self.dry_breakers, str):
             self.dry_breakers = [self.dry_breakers]
         check_all(vars(self), ALIGN)
-        if self.dry_multiplier is None:
-            self.dry_multiplier = PRESETS[self.preset] if self.method == "la" else 0.0
         if self.principles is not None:
             self._check_principles()
         self._check_quality_options()
@@ -187,14 +185,23 @@ class AlignConfig:
             options["mask"] = f"min_p{self.plausibility_min_p:g}"
         elif self.mask != "top_p":
             options["mask"] = self.mask
-        if self.dry_multiplier:
+        if self.loop_multiplier:
             options["dry"] = self.dry_label
         return options
 
     @property
+    def loop_multiplier(self) -> float:
+        """The loop penalty's multiplier that decoding uses: `dry_multiplier` where given, else the preset's for
+        Linear Alignment and 0 for the other methods. Resolved here, not stored, so that `dataclasses.replace`
+        with another preset or method resolves again."""
+        if self.dry_multiplier is not None:
+            return self.dry_multiplier
+        return PRESETS[self.preset] if self.method == "la" else 0.0
+
+    @property
     def dry_label(self) -> str:
         """'0.8' at DRY's base, allowed length and breakers; '0.8/b2/a4/breakers=\\n|:' where they differ."""
-        parts = [f"{self.dry_multiplier:g}"]
+        parts = [f"{self.loop_multiplier:g}"]
         if self.dry_base != 1.75:
             parts.append(f"b{self.dry_base:g}")
         if self.dry_allowed_length != 2:

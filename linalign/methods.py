@@ -69,7 +69,7 @@ def make_plan(config: AlignConfig) -> Plan:
     return replace(
         _plan(config),
         repeat_guard=config.repeat_guard,
-        dry_multiplier=config.dry_multiplier,
+        dry_multiplier=config.loop_multiplier,
         dry_base=config.dry_base,
         dry_allowed_length=config.dry_allowed_length,
         dry_breakers=tuple(config.dry_breakers),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -232,14 +233,18 @@ def test_options_reach_the_plan_and_the_label():
 
 
 def test_the_default_preset_gives_linear_alignment_the_penalty():
-    """Unset, `dry_multiplier` is the preset's for Linear Alignment (2 by default, 0 in the paper's recipe) and 0
-    for the other methods, which the rule of docs/quality.md did not judge; a value given wins over any preset."""
-    assert AlignConfig(principles=["p"]).dry_multiplier == 2
+    """Unset, the loop multiplier is the preset's for Linear Alignment (2 by default, 0 in the paper's recipe) and
+    0 for the other methods, which the rule of docs/quality.md did not judge; a value given wins over any preset.
+    Resolved when read, so `dataclasses.replace` with another preset or method resolves again."""
+    assert AlignConfig(principles=["p"]).loop_multiplier == 2
     assert AlignConfig(principles=["p"]).label == "la ratio=2 dry=2"
-    assert AlignConfig(principles=["p"], preset="paper").dry_multiplier == 0.0
-    assert [AlignConfig(method=m, principles=["p"]).dry_multiplier for m in ("base", "prompt", "amulet")] == [0.0] * 3
-    assert AlignConfig(principles=["p"], preset="paper", dry_multiplier=0.8).dry_multiplier == 0.8
+    assert AlignConfig(principles=["p"], preset="paper").loop_multiplier == 0.0
+    assert [AlignConfig(method=m, principles=["p"]).loop_multiplier for m in ("base", "prompt", "amulet")] == [0.0] * 3
+    assert AlignConfig(principles=["p"], preset="paper", dry_multiplier=0.8).loop_multiplier == 0.8
     assert AlignConfig(principles=["p"], dry_multiplier=0).label == "la ratio=2"
+    assert replace(AlignConfig(principles=["p"]), preset="paper").label == "la ratio=2"
+    assert make_plan(replace(AlignConfig(principles=["p"]), method="prompt")).dry_multiplier == 0.0
+    assert make_plan(AlignConfig(principles=["p"])).dry_multiplier == 2
 
 
 @pytest.mark.parametrize(
@@ -358,7 +363,7 @@ def test_server_request_carries_the_penalty_and_refuses_bad_values():
     assert align.dry_breakers == ["\n", "|"] and align.label == "la ratio=2 dry=0.8/b2/a3/breakers=\\n||"
     with pytest.raises(APIError, match="dry_base must be in"):
         _align(request(dry_multiplier=0.8, dry_base=0.5), messages, False, 2.0)
-    assert _align(request(), messages, False, 2.0)[0].dry_multiplier == 2  # the default preset
+    assert _align(request(), messages, False, 2.0)[0].loop_multiplier == 2  # the default preset
     assert _align(request(preset="paper"), messages, False, 2.0)[0].label == "la ratio=2"
     with pytest.raises(ValueError, match="preset"):
         request(preset="fast")
