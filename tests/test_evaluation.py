@@ -217,7 +217,7 @@ def test_small_real_run_on_the_principles_suite(smollm2, tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["runs"]) == {"prompt", "la ratio=0.5", "la ratio=2"}
+    assert set(summary["runs"]) == {"prompt", "la ratio=0.5 dry=2", "la ratio=2 dry=2"}  # the default preset
     assert all(r["n"] == 6 for r in summary["runs"].values())
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "report.md").exists()
     assert len(build_tasks("principles", limit=3, only=["lowercase", "no_commas"])) == 6

@@ -91,14 +91,13 @@ def plot_sweep(summary: dict, path: Path, title: str) -> bool:
     import matplotlib.pyplot as plt
 
     runs = summary["runs"].values()
-    series = {
-        m: sorted(
-            ((r[k], r) for r in runs if r["method"] == m and r[k] is not None and not r.get("options")),
-            key=lambda point: point[0],
-        )
-        for m, k in (("la", "ratio"), ("dera", "lam"))
-    }
-    series = {m: s for m, s in series.items() if len(s) > 1}
+    series: dict[str, list] = {}
+    for r in runs:  # one line per method and set of options (la's default preset has the loop penalty's)
+        strength = {"la": "ratio", "dera": "lam"}.get(r["method"])
+        if strength is not None and r[strength] is not None:
+            name = " ".join([r["method"], *(f"{k}={v}" for k, v in sorted((r.get("options") or {}).items()))])
+            series.setdefault(name, []).append((r[strength], r))
+    series = {name: sorted(s, key=lambda point: point[0]) for name, s in series.items() if len(s) > 1}
     if not series:
         return False
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
