@@ -148,26 +148,29 @@ def chunked_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-_active = threading.local()  # `depth`: how many `step_products()` blocks the thread is in; `transposed`: the form
+_active = threading.local()  # `depth`: how many `step_products()` blocks the thread is in; `form`: their settings
 
 
 @contextmanager
-def step_products(transposed: bool) -> Iterator[None]:
-    """Within the block, on the calling thread, products of routed linears are batch-invariant
-    (`chunked_product`), in the transposed form or torch's."""
-    outer = getattr(_active, "transposed", transposed)
-    _active.depth, _active.transposed = getattr(_active, "depth", 0) + 1, transposed
+def step_products(transposed: bool, invariant: bool = True) -> Iterator[None]:
+    """Within the block, on the calling thread, products of routed linears take the transposed form or torch's,
+    batch-invariant (`chunked_product`) unless `invariant` is False."""
+    outer = getattr(_active, "form", (transposed, invariant))
+    _active.depth, _active.form = getattr(_active, "depth", 0) + 1, (transposed, invariant)
     try:
         yield
     finally:
         _active.depth -= 1
-        _active.transposed = outer
+        _active.form = outer
 
 
 def _routed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # torch.compile traces the plain product: the flag is per thread and per call, not part of a graph.
     if not torch.compiler.is_compiling() and getattr(_active, "depth", 0) and x.device.type == "cpu":
-        return chunked_product(x, self.weight, self.bias, _active.transposed)
+        transposed, invariant = _active.form
+        if invariant:
+            return chunked_product(x, self.weight, self.bias, transposed)
+        return _product(transposed)(x, self.weight, self.bias)
     return F.linear(x, self.weight, self.bias)
 
 

@@ -47,6 +47,20 @@ def routed_linear() -> nn.Linear:
     return layer
 
 
+def test_without_invariance_a_step_takes_the_form_in_one_call(counted, monkeypatch):
+    """Invariance off: the transposed form on the rows as they are, no chunks and no padding."""
+    layer, x = routed_linear(), torch.randn(3, 8)
+
+    def no_chunks(*args):
+        raise AssertionError("chunked_product called with invariance off")
+
+    monkeypatch.setattr(kernels, "chunked_product", no_chunks)
+    with step_products(transposed=True, invariant=False):
+        out = layer(x)
+    assert torch.equal(out, kernels.transposed_linear(x, layer.weight, layer.bias))
+    assert counted == {threading.get_ident(): 2}  # the step's call and the reference's
+
+
 def test_routed_products_take_the_chosen_form_only_inside_a_step(counted):
     layer = routed_linear()
     with step_products(transposed=True):

@@ -209,16 +209,16 @@ class TransformersBackend:
         """Batch-invariant products and attention for a step (`linalign.kernels`, `row_attention`), or the
         transposed form alone where invariance is off."""
         if not self.invariant:
-            return self._products(transposed=True) if self._transposed else nullcontext()
+            return self._products(transposed=True, invariant=False) if self._transposed else nullcontext()
         stack = self._products(self._transposed)
         stack.enter_context(rows_attention(self.model))
         return stack
 
-    def _products(self, transposed: bool) -> ExitStack:
+    def _products(self, transposed: bool, invariant: bool = True) -> ExitStack:
         """The model's plain linears routed to `step_products` for the step only: the model is left as it was."""
         stack = ExitStack()
         stack.enter_context(routed(self.model, self._linears))
-        stack.enter_context(step_products(transposed))
+        stack.enter_context(step_products(transposed, invariant))
         return stack
 
     def keep(self, rows: torch.Tensor) -> None:
