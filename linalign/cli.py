@@ -33,7 +33,7 @@ from linalign.options import (
     exits_cleanly,
     knob_options,
 )
-from linalign.params import ALIGN, DECODE, KNOBS, parse_options
+from linalign.params import ALIGN, DECODE, KNOBS, METHOD, check, parse_options
 from linalign.prompts import Conversation, parse_conversations
 from linalign.resolve import align_configs, decode_config, parse_methods
 from linalign.serve.bench import serve_bench
@@ -194,7 +194,14 @@ def _variants(kl_budgets: str | None, repeat_guards: str | None, masks: str | No
         if m.strip():
             kind, _, threshold = m.strip().partition(":")
             variants.append({"mask": kind} | ({"plausibility_min_p": float(threshold)} if threshold else {}))
-    return variants + [parse_options(text) for text in variant]
+    return variants + [_variant(text) for text in variant]
+
+
+def _variant(text: str) -> dict:
+    """'dry_multiplier=2' (Linear Alignment's) or 'prompt:principle_placement=user' (another method's)."""
+    method, colon, options = text.partition(":") if ":" in text.partition("=")[0] else ("la", "", text)
+    check(METHOD, method.strip())
+    return parse_options(options, method=method.strip()) | ({"method": method.strip()} if colon else {})
 
 
 def _title(prompt: str | Conversation) -> str:
@@ -347,7 +354,11 @@ def evaluate(
     repeat_guards: Annotated[str | None, typer.Option(help="Repeat-guard n-gram sizes swept as la variants.")] = None,
     masks: Annotated[str | None, typer.Option(help="Mask kinds swept as la variants: min_p[:T],intersect.")] = None,
     variant: Annotated[
-        list[str] | None, typer.Option(help="A combined la variant, e.g. 'kl_budget=1,repeat_guard=3'; repeatable.")
+        list[str] | None,
+        typer.Option(
+            help="A combined la variant, e.g. 'kl_budget=1,repeat_guard=3', or another method's, "
+            "'prompt:principle_placement=user'; repeatable."
+        ),
     ] = None,
     variant_ratios: Annotated[
         str | None, typer.Option(help="Ratios the variants run at (default: --ratios), comma-separated.")
@@ -385,8 +396,6 @@ def evaluate(
         samples=samples,
         preset=preset,
     )
-    if settings.variants and "la" not in settings.methods:
-        raise LinalignError("quality-option variants run Linear Alignment: add 'la' to --methods")
     if len(settings.extra_weights) != len(settings.extra_principles):
         raise LinalignError("give one --extra-weight for each --extra-principle")
     runs = settings.runs()  # validates methods and strengths before anything loads

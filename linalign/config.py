@@ -74,7 +74,7 @@ class AlignConfig:
     """Which method to decode with and its strength.
 
     - `base`: the prompt without any principle, plain decoding.
-    - `prompt`: the principle as system message, plain decoding.
+    - `prompt`: the principle told to the model (as system message by default), plain decoding.
     - `la`: Linear Alignment, `l_0 + sum_i c_i (l_{p_i} - l_0)` with `c_i = w_i (1 + ratio)`; one principle
       with weight 1 (the default) is the paper's `l_p + ratio (l_p - l_0)`. Weights scale the ratio per
       principle; below zero they push away from a principle.
@@ -102,6 +102,9 @@ class AlignConfig:
       `plausibility_top_p`), "min_p" (tokens with at least `plausibility_min_p` times the principled
       distribution's top probability) or "intersect" (the principled nucleus within the plain
       distribution's nucleus, the principled top token always kept).
+    - `principle_placement`: where every principled context tells its principle: "system" (the system message,
+      the paper's), "user" (prefixed to the last user turn, nearest the question) or "both"
+      (`linalign.prompts.place_principle`). The plain context never holds it. Any method that reads principles.
 
     `preset`: what Linear Alignment runs with where `dry_multiplier` is left unset: "default" adds the loop
     penalty at multiplier 2 (DRY's base, allowed length and breakers), which on the built-in model passed the rule
@@ -187,6 +190,8 @@ class AlignConfig:
             options["mask"] = self.mask
         if self.loop_multiplier:
             options["dry"] = self.dry_label
+        if self.principle_placement != "system":
+            options["placement"] = self.principle_placement
         return options
 
     @property
@@ -234,12 +239,11 @@ class AlignConfig:
 
     @property
     def label(self) -> str:
-        """'prompt', 'la ratio=2', 'la ratio=2 weights=1,-0.5', 'dera lam=0.5': the method and its strength."""
-        if self.method in ("base", "prompt"):
-            return self.method
+        """'prompt', 'la ratio=2', 'la ratio=2 weights=1,-0.5', 'dera lam=0.5', 'prompt placement=user': the method,
+        its strength and its quality options."""
+        strength = {} if self.method in ("base", "prompt") else self.strength
         parts = [
-            f"{k}=" + (",".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}")
-            for k, v in self.strength.items()
+            f"{k}=" + (",".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}") for k, v in strength.items()
         ]
         parts += [f"{k}={v:g}" if not isinstance(v, str) else f"{k}={v}" for k, v in self.quality_options.items()]
         return " ".join([self.method, *parts])

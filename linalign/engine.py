@@ -102,7 +102,10 @@ class Aligner:
                 param="method",
             )
         loaded = (self.main, self.reference)
-        term_ids = [build_ids(loaded[t.model].tokenizer, conversation, t.principle, system, raw) for t in plan.terms]
+        term_ids = [
+            build_ids(loaded[t.model].tokenizer, conversation, t.principle, system, raw, plan.principle_placement)
+            for t in plan.terms
+        ]
         prepared = Prepared(plan, term_ids, config, seed=seed if seed is not None else config.seed)
         fit = self.room(prepared)
         if fit is not None and config.max_new_tokens > fit[0]:

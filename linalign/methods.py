@@ -15,7 +15,8 @@ from linalign.config import AlignConfig
 @dataclass(frozen=True)
 class Term:
     """Next-token logits of `model` (0: the main model, 1: DeRa's reference) given the prompt with
-    `principle` in the system message (`None`: without any principle), weighted by `weight`."""
+    `principle` placed as the plan's `principle_placement` says (`None`: without any principle), weighted by
+    `weight`."""
 
     model: int
     principle: str | None
@@ -40,6 +41,8 @@ class Plan:
     dry_base: float = 1.75
     dry_allowed_length: int = 2
     dry_breakers: tuple[str, ...] = ()
+    # Where the principled terms' contexts tell the principle (linalign.prompts.place_principle).
+    principle_placement: str = "system"
 
     @property
     def models(self) -> tuple[int, ...]:
@@ -73,11 +76,12 @@ def make_plan(config: AlignConfig) -> Plan:
         dry_base=config.dry_base,
         dry_allowed_length=config.dry_allowed_length,
         dry_breakers=tuple(config.dry_breakers),
+        principle_placement=config.principle_placement,
     )
 
 
 def told_principle(config: AlignConfig) -> str | None:
-    """The system message of the methods that tell the model their principles (`prompt`, `amulet`, DeRa's
+    """The principle text of the methods that tell the model their principles (`prompt`, `amulet`, DeRa's
     shared context): the principles with a positive weight, joined. A principle weighted 0 or below is what
     Linear Alignment pushes away from, never an instruction (`None`: no principle is told)."""
     weights = config.weights if config.weights is not None else [1.0] * len(config.principles)

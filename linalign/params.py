@@ -28,6 +28,9 @@ from linalign.errors import LinalignError
 METHODS = ("base", "prompt", "la", "dera", "amulet")
 PRINCIPLED = ("prompt", "la", "dera", "amulet")  # the methods that read principles
 MASKS = ("top_p", "min_p", "intersect")
+# Where a principled context tells the model its principle: the system message (the paper's), prefixed to the
+# last user turn (near the question), or both.
+PLACEMENTS = ("system", "user", "both")
 DRY_BREAKERS = ("\n", ":", '"', "*")  # the soft loop penalty's default sequence breakers (DRY's)
 # The loop penalty's multiplier a preset gives Linear Alignment where `dry_multiplier` is unset (other methods: 0).
 # "default" passed the rule of docs/quality.md; "paper" is the authors' recipe exactly (r = 2, top-p 0.8, nothing
@@ -266,6 +269,14 @@ ALIGN = (
         ("la",),
         choices=tuple(PRESETS),
     ),
+    Knob(
+        "principle_placement",
+        str,
+        "system",
+        "Where the principle is told: system (the system message), user (prefixed to the last user turn) or both.",
+        PRINCIPLED,
+        choices=PLACEMENTS,
+    ),
     # The soft loop penalty (DRY): any method, on the combined logits.
     Knob(
         "dry_multiplier",
@@ -337,16 +348,16 @@ KNOBS = {knob.name: knob for knob in (*ALIGN, *DECODE)}
 METHOD = Knob("method", str, "la", "The method: " + ", ".join(METHODS) + ".", choices=METHODS)
 
 
-def variant_keys(knobs: Sequence[Knob] = ALIGN) -> tuple[str, ...]:
-    """The options an eval variant of Linear Alignment may set: its one-valued knobs, but the mask's nucleus,
+def variant_keys(knobs: Sequence[Knob] = ALIGN, method: str = "la") -> tuple[str, ...]:
+    """The options an eval variant of `method` may set: the one-valued knobs it reads, but the mask's nucleus,
     which is a setting of the whole evaluation."""
-    return tuple(k.name for k in knobs if "la" in k.methods and not k.many and k.name != "plausibility_top_p")
+    return tuple(k.name for k in knobs if method in k.methods and not k.many and k.name != "plausibility_top_p")
 
 
-def parse_options(text: str, knobs: Sequence[Knob] = ALIGN) -> dict[str, Any]:
+def parse_options(text: str, knobs: Sequence[Knob] = ALIGN, method: str = "la") -> dict[str, Any]:
     """'kl_budget=1,repeat_guard=3,mask=min_p' (any of `variant_keys`): options typed as text (eval's variants,
     bench's extra rows), each value a choice or a number, an integer where the knob's is."""
-    keys = variant_keys(knobs)
+    keys = variant_keys(knobs, method)
     options: dict[str, Any] = {}
     for part in text.split(","):
         key, _, value = (x.strip() for x in part.partition("="))

@@ -1,8 +1,8 @@
 """Where prompts are built: a conversation, with or without a principle, rendered to token ids.
 
-The principle becomes (part of) the system message through the tokenizer's own chat template.
-Templates without a system role get it prefixed to the first user turn; tokenizers without a
-template (base models) get plain text.
+The principle becomes (part of) the system message through the tokenizer's own chat template, or is
+prefixed to the last user turn, or both (`place_principle`). Templates without a system role get the
+system message prefixed to the first user turn; tokenizers without a template (base models) get plain text.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from functools import lru_cache
 from transformers import PreTrainedTokenizerBase
 
 from linalign.errors import LinalignError
+from linalign.params import KNOBS, check
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -74,6 +75,19 @@ def with_system(conversation: Conversation, system: str | None, principle: str |
     return ([{"role": "system", "content": text}] if text else []) + messages
 
 
+def place_principle(
+    conversation: Conversation, system: str | None, principle: str | None, placement: str = "system"
+) -> Conversation:
+    """The conversation with `system` merged into its system message and `principle` where `placement` says:
+    in the system message ("system"), prefixed to the last user turn ("user", nearest the question), or both."""
+    check(KNOBS["principle_placement"], placement)
+    messages = with_system(conversation, system, principle if placement in ("system", "both") else None)
+    if placement in ("user", "both") and principle and principle.strip():
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[last]["content"] = _join(principle, messages[last]["content"])
+    return messages
+
+
 @lru_cache(maxsize=64)
 def _template_supports_system(tokenizer: PreTrainedTokenizerBase) -> bool:
     probe = "linalign-system-probe"
@@ -115,6 +129,8 @@ def build_ids(
     principle: str | None = None,
     system: str | None = None,
     raw: bool = False,
+    placement: str = "system",
 ) -> list[int]:
-    """Token ids of one context: the prompt, the base `system` prompt, and optionally the principle."""
-    return render(tokenizer, with_system(to_conversation(prompt), system, principle), raw=raw)
+    """Token ids of one context: the prompt, the base `system` prompt, and optionally the principle, placed as
+    `place_principle` does."""
+    return render(tokenizer, place_principle(to_conversation(prompt), system, principle, placement), raw=raw)

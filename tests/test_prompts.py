@@ -1,4 +1,5 @@
-"""Contexts: the principle as system message, templates without a system role, raw text, conversations."""
+"""Contexts: the principle as system message, before the last user turn or both, templates without a system role,
+raw text, conversations."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import copy
 
 import pytest
 
-from linalign.prompts import build_ids, to_conversation, with_system
+from linalign.prompts import build_ids, place_principle, to_conversation, with_system
 
 NO_SYSTEM_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
@@ -66,3 +67,56 @@ def test_bad_conversations(bad):
 
     with pytest.raises(LinalignError):
         to_conversation(bad)
+
+
+QUESTION, PRINCIPLE = "Hi there", "Be brief."
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # the template's own
+REPLY = "<|im_start|>assistant\n"
+RENDERED = {
+    "system": f"<|im_start|>system\n{PRINCIPLE}<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n{REPLY}",
+    "user": f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n{PRINCIPLE}\n\n{QUESTION}<|im_end|>\n"
+    + REPLY,
+    "both": f"<|im_start|>system\n{PRINCIPLE}<|im_end|>\n<|im_start|>user\n{PRINCIPLE}\n\n{QUESTION}<|im_end|>\n"
+    + REPLY,
+}
+PLAIN = f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n{REPLY}"
+
+
+@pytest.mark.parametrize("placement", RENDERED)
+def test_each_placement_renders_exactly_on_the_built_in_template(tokenizer, placement):
+    assert tokenizer.decode(build_ids(tokenizer, QUESTION, PRINCIPLE, placement=placement)) == RENDERED[placement]
+    assert tokenizer.decode(build_ids(tokenizer, QUESTION, placement=placement)) == PLAIN
+
+
+def test_the_principle_goes_before_the_last_user_turn_and_a_system_prompt_stays_in_the_system_message(tokenizer):
+    conversation = [
+        {"role": "system", "content": "You are a pirate."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Arr."},
+        {"role": "user", "content": "Where is the gold?"},
+    ]
+    rendered = tokenizer.decode(build_ids(tokenizer, conversation, PRINCIPLE, "Speak English.", placement="user"))
+    assert rendered == (
+        "<|im_start|>system\nYou are a pirate.\n\nSpeak English.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n"
+        "<|im_start|>assistant\nArr.<|im_end|>\n"
+        f"<|im_start|>user\n{PRINCIPLE}\n\nWhere is the gold?<|im_end|>\n{REPLY}"
+    )
+    assert conversation[3]["content"] == "Where is the gold?"  # the caller's messages are not changed
+    both = place_principle(conversation, None, PRINCIPLE, "both")
+    assert both[0]["content"] == f"You are a pirate.\n\n{PRINCIPLE}" and both[1]["content"] == "Hello"
+    assert both[3]["content"] == f"{PRINCIPLE}\n\nWhere is the gold?"
+
+
+def test_a_template_without_a_system_role_folds_the_system_message_into_the_first_user_turn(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    conversation = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Arr."},
+        {"role": "user", "content": "Where?"},
+    ]
+    turns = "<|im_start|>assistant\nArr.<|im_end|>\n<|im_start|>user\n"
+    user = tok.decode(build_ids(tok, conversation, PRINCIPLE, "Be kind.", placement="user"))
+    assert user == f"<|im_start|>user\nBe kind.\n\nHello<|im_end|>\n{turns}{PRINCIPLE}\n\nWhere?<|im_end|>\n{REPLY}"
+    system = tok.decode(build_ids(tok, conversation, PRINCIPLE, "Be kind."))
+    assert system == f"<|im_start|>user\nBe kind.\n\n{PRINCIPLE}\n\nHello<|im_end|>\n{turns}Where?<|im_end|>\n{REPLY}"

@@ -148,6 +148,11 @@ BAD_REQUESTS = {
         "linalign.plausibility_top_p",
         "plausibility_top_p must be in [0, 1]",
     ),
+    "bad placement": (
+        {"linalign": {"principle": "p", "principle_placement": "top"}},
+        "linalign.principle_placement",
+        "'system', 'user' or 'both'",
+    ),
     "too many tokens": ({"max_tokens": 100_000}, "max_tokens", "exceeds the context"),
     "prompt too long": ({"messages": [{"role": "user", "content": "word " * 600}]}, "messages", "context of 512"),
     "bad top_p": ({"temperature": 1, "top_p": 0}, "top_p", "top_p must be in (0, 1]"),

@@ -10,7 +10,7 @@ from pathlib import Path
 from linalign.evaluation import pareto
 
 SUMMARY, REPORT, PLOT, PARETO_PLOT = "summary.json", "report.md", "sweep.png", "pareto.png"
-OPTION_KEYS = ("kl", "guard", "mask", "dry")  # Linear Alignment's quality options, as records name them
+OPTION_KEYS = ("kl", "guard", "mask", "dry", "placement")  # the quality options, as records name them
 
 
 def _mean(values: list) -> float | None:

@@ -50,8 +50,9 @@ class EvalSettings:
 
     # Which matrix-product form decode steps used (linalign.kernels): floats differ between the two.
     kernel: str = "torch"
-    # Quality options of Linear Alignment (AlignConfig's kl_budget, repeat_guard, mask, plausibility_min_p),
-    # one dict per variant, each run at every ratio of `variant_ratios` beside the paper's own runs.
+    # Quality options of Linear Alignment (AlignConfig's kl_budget, repeat_guard, mask, plausibility_min_p, ...),
+    # one dict per variant, each run at every ratio of `variant_ratios` beside the paper's own runs; a variant
+    # with a "method" is that method's (e.g. prompting with the principle in the user turn).
     variants: list[dict] = field(default_factory=list)
     variant_ratios: list[float] = field(default_factory=list)
     samples: int = 1  # replies per question (sampling only)
@@ -59,12 +60,21 @@ class EvalSettings:
 
     def runs(self) -> list[AlignConfig]:
         """One AlignConfig per (method, strength) of the sweep, then one per (variant, ratio) of Linear
-        Alignment's quality options; principles come per task."""
+        Alignment's quality options, and one per (variant, strength) of another method's (a variant's "method",
+        Linear Alignment where absent); principles come per task."""
         configs = self._method_runs()
-        if "la" in parse_methods(self.methods):
-            for options in self.variants:  # a variant may pin its own ratio (e.g. a trust region's cap)
-                for ratio in [options["ratio"]] if "ratio" in options else self.variant_ratios or self.ratios:
-                    configs.append(replace(configs_la(self), **({"ratio": ratio} | options)))
+        methods = parse_methods(self.methods)
+        for variant in self.variants:
+            method = variant.get("method", "la")
+            options = {k: v for k, v in variant.items() if k != "method"}
+            if method not in methods:
+                raise LinalignError(f"a variant of {method!r} ({options}) needs {method!r} in --methods")
+            if method != "la":
+                configs += [replace(c, **options) for c in self._method_runs() if c.method == method]
+                continue
+            # a variant may pin its own ratio (e.g. a trust region's cap)
+            for ratio in [options["ratio"]] if "ratio" in options else self.variant_ratios or self.ratios:
+                configs.append(replace(configs_la(self), **({"ratio": ratio} | options)))
         return list({c.label: c for c in configs}.values())  # a variant may be what the preset gives already
 
     def _method_runs(self) -> list[AlignConfig]:
