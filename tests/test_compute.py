@@ -1,5 +1,5 @@
 """Tensor work on one thread: decoding runs on the compute thread whichever thread asks; loading on a thread
-that ends with it."""
+that ends with it; a resident loop (the server's) takes turns there with other threads' calls."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from linalign import AlignConfig, Aligner, DecodeConfig, models
+from linalign import AlignConfig, Aligner, DecodeConfig, compute, models
 from linalign.backends.transformers import TransformersBackend
 from linalign.compute import compute_thread, on_compute_thread
 
@@ -86,3 +86,55 @@ def test_loading_and_decoding_from_two_threads_stay_on_one(tiny, tokenizer, tmp_
     streamed = _in_thread(lambda: list(aligner.stream(["Say hi."], align, config)))
     assert here == there and streamed
     assert seen == {compute_thread()}
+
+
+class Counter:
+    """A resident with `turns` turns of work, each recorded with the thread it ran on."""
+
+    def __init__(self, turns: int, fail_at: int | None = None) -> None:
+        self.left, self.fail_at = turns, fail_at
+        self.threads: list[threading.Thread] = []
+        self.done = threading.Event()
+
+    def due(self) -> float | None:
+        return 0.0 if self.left else None
+
+    def turn(self) -> bool:
+        self.threads.append(threading.current_thread())
+        if len(self.threads) == self.fail_at:
+            self.done.set()
+            raise RuntimeError("a resident failed")
+        self.left -= 1
+        if not self.left:
+            self.done.set()
+        return bool(self.left)
+
+
+def test_residents_take_turns_with_each_other_and_with_handed_over_calls():
+    slow = Counter(turns=10**9)  # busy for ever: calls from other threads must still get through
+    compute.host(slow)
+    try:
+        quick = Counter(turns=50)
+        compute.host(quick)
+        assert quick.done.wait(timeout=30)
+        assert _where() is compute_thread()  # a handed-over call waits for turns, not for the resident's end
+        assert set(slow.threads) == set(quick.threads) == {compute_thread()}
+        failing, after = Counter(turns=5, fail_at=2), Counter(turns=3)
+        compute.host(failing)
+        assert failing.done.wait(timeout=30)
+        compute.host(after)
+        assert after.done.wait(timeout=30)  # the thread and the other residents outlive a resident's failure
+        assert len(failing.threads) == 2 and len(after.threads) == 3
+    finally:
+        slow.left = 1  # its next turn is its last: it leaves the thread
+        compute.wake()
+    assert _where() is compute_thread()
+
+
+def test_an_idle_resident_is_woken_for_new_work():
+    idle = Counter(turns=0)
+    compute.host(idle)
+    _where()  # the resident is in place once a later call has run
+    idle.left = 2
+    compute.wake()
+    assert idle.done.wait(timeout=30) and len(idle.threads) == 2

@@ -16,7 +16,7 @@ import pytest
 from openai import OpenAI
 
 from linalign import AlignConfig, Aligner, DecodeConfig
-from linalign.compute import on_compute_thread
+from linalign.compute import compute_thread, on_compute_thread
 from linalign.errors import LinalignError
 from linalign.serve import create_app
 from linalign.serve.batcher import Batcher, Job
@@ -115,6 +115,26 @@ def test_requests_with_different_settings_share_steps_and_equal_their_solo_resul
         assert replies[i].choices[0].message.content == _expected(aligner, extra, kwargs), MIXED[i]
 
 
+def test_the_model_and_each_token_stay_on_the_compute_thread(aligner, monkeypatch):
+    """One thread owns the model: the server's decode steps run on linalign's compute thread, whose tokens leave
+    it once, for the event loop that streams them."""
+    app = create_app(aligner)
+    steps: set[threading.Thread] = set()
+    sends: set[threading.Thread] = set()
+    put = Job.put
+    monkeypatch.setattr(Job, "put", lambda job, item: sends.add(threading.current_thread()) or put(job, item))
+    with serving(app) as url:
+        batcher = app.state.batcher
+        step = batcher._step
+        batcher._step = lambda newcomers: steps.add(threading.current_thread()) or step(newcomers)
+        extra = {"linalign": {"method": "la", "principle": PRINCIPLE}}
+        chunks = client_for(url).chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=8, stream=True, extra_body=extra
+        )
+        assert sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].delta.content) >= 2
+    assert steps == sends == {compute_thread()}
+
+
 def test_a_short_request_finishes_while_a_long_one_streams(aligner):
     app = create_app(aligner, max_batch=4)
     with serving(app) as url:
@@ -177,7 +197,7 @@ def test_a_request_past_the_deadline_is_a_clear_504(aligner):
         assert client.chat.completions.create(model="m", messages=QUESTION, max_tokens=1).choices
 
 
-def test_health_reports_a_dead_worker_and_answers_head(aligner):
+def test_health_reports_a_stopped_decode_loop_and_answers_head(aligner):
     app = create_app(aligner)
     with serving(app) as url:
         root = url.removesuffix("/v1")

@@ -1,6 +1,9 @@
-"""Continuous batching: one worker thread owns the model and runs one decode loop for every request.
+"""Continuous batching: one decode loop for every request, owned by the compute thread that runs the model.
 
-Requests are queued from the event loop. Between decode steps the worker admits waiting requests (their
+The batcher lives on linalign's compute thread (`linalign.compute.Resident`): each of its turns admits waiting
+requests and runs one decode step there, so a token is computed, chosen and turned into text on that one thread
+and crosses threads once, to the event loop that streams it. Requests are queued from the event loop. Between
+decode steps the batcher admits waiting requests (their
 prompts prefilled together, then merged into the running batch) and finished ones leave. Every request keeps its
 own settings (method, principles, strength, sampling, seed, stop strings, length) inside the shared batch.
 
@@ -37,6 +40,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+from linalign import compute
 from linalign.decode import Prepared, kv_cells
 from linalign.engine import Aligner
 from linalign.errors import LinalignError
@@ -74,7 +78,7 @@ class Job:
         self.first_token: float | None = None
         self.cancelled = self.timed_out = False
         self.left = self.n
-        # Put together on the event loop from the worker's deltas, as they are read (`events`).
+        # Put together on the event loop from the decode loop's deltas, as they are read (`events`).
         self.outputs = [Generation(c, prompt_tokens=self.prompt_tokens) for c in range(self.n)]
         self.short = False  # set by the batcher at submission
         self.cells: dict[int, int] = {}  # KV cells per model one copy fills at full length
@@ -84,14 +88,14 @@ class Job:
 
     def arm(self) -> None:
         """On the event loop, once submitted: the deadline holds even while the model is busy (a long prefill), the
-        request answered when it passes whatever the worker is doing."""
+        request answered when it passes whatever the model is doing."""
         if self.deadline is not None:
             self._after(
                 self.deadline - time.monotonic(), RequestTimedOut("the request ran past the server's time limit")
             )
 
     def stop_after(self, grace: float) -> None:
-        """Thread-safe: end the request with `ShuttingDown` after `grace` seconds, whatever the worker is doing."""
+        """Thread-safe: end the request with `ShuttingDown` after `grace` seconds, whatever the model is doing."""
         error = ShuttingDown("the server shut down before the request finished (its --shutdown-grace ran out)")
         self._loop.call_soon_threadsafe(self._after, grace, error)
 
@@ -99,7 +103,7 @@ class Job:
         self._timers.append(self._loop.call_later(max(0.0, seconds), self._expire, error))
 
     def _expire(self, error: Exception) -> None:
-        self.timed_out = True  # the worker drops its rows at the next step and sends it nothing more
+        self.timed_out = True  # the batcher drops its rows at the next step and sends it nothing more
         self._events.put_nowait(error)
 
     @property
@@ -124,7 +128,7 @@ class Job:
         return self.deadline is not None and now > self.deadline
 
     def put(self, item: list[Generation] | Exception | None) -> None:
-        """Called from the worker thread: deltas (indexed by copy), an error, or None when every copy is finished."""
+        """Called from the compute thread: deltas (indexed by copy), an error, or None when every copy is finished."""
         self._loop.call_soon_threadsafe(self._events.put_nowait, item)
 
     async def events(self) -> AsyncIterator[list[Generation]]:
@@ -148,7 +152,7 @@ class Job:
 
 
 class Batcher:
-    """The worker thread, its queue and its decode loop."""
+    """The queue and the decode loop of a server's requests, a resident of the compute thread."""
 
     def __init__(
         self,
@@ -173,22 +177,25 @@ class Batcher:
         self.finished: Counter[str] = Counter()  # finish reasons of every sequence
         self._pending: list[Job] = []
         self._running: set[Job] = set()
-        self._wake = threading.Condition()
+        self._lock = threading.Lock()  # the queue and the flags below, shared with the event loop's threads
         self._closed = False
         self._accepting = True
         self._drain_at: float | None = None
+        self._window_end: float | None = None
         self._decoder = aligner.decoder(prefill_chunk=prefill_chunk)
         self._capacity = {m: b.kv_capacity for m, b in self._decoder.backends.items() if b.kv_capacity is not None}
-        self._thread = threading.Thread(target=self._work, name="linalign-batcher", daemon=True)
+        self._started = False
+        self._stopped = threading.Event()  # set when its last turn is over (or a turn failed beyond repair)
 
     # -- called from the event loop --------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        self._started = True
+        compute.host(self)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closed
+        return self._started and not self._stopped.is_set() and not self._closed
 
     @property
     def draining(self) -> bool:
@@ -203,7 +210,7 @@ class Batcher:
         return len(self._decoder)
 
     def submit(self, job: Job) -> None:
-        with self._wake:
+        with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down and takes no new requests")
             if not self._decoder.fits(job.prepared, alone=True):
@@ -216,12 +223,12 @@ class Batcher:
             self._plan(job)
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
-            self._wake.notify()
+        compute.wake()
 
     def drain(self, grace: float) -> None:
         """Begin shutting down: admit nothing more, end queued requests now and running ones after `grace`
         seconds (with `ShuttingDown`); returns at once."""
-        with self._wake:
+        with self._lock:
             if self._drain_at is not None:
                 return
             self._accepting = False
@@ -232,19 +239,20 @@ class Batcher:
             for job in self._running:
                 job.stop_after(grace)
             self.metrics.queue_depth.set(0)
-            self._wake.notify()
+        compute.wake()
         logger.info("shutting down: %d running requests get up to %.1f s to finish", len(self._running), grace)
 
     def close(self, grace: float = 0.0) -> None:
-        """Drain (see `drain`), wait for the running requests to end, and stop the worker."""
+        """Drain (see `drain`), wait for the running requests to end, and leave the compute thread."""
         self.drain(grace)
         deadline = (self._drain_at or time.monotonic()) + 5
-        while self._thread.is_alive() and self._running and time.monotonic() < deadline:
+        while self.alive and self._running and time.monotonic() < deadline:
             time.sleep(0.02)
-        with self._wake:
+        with self._lock:
             self._closed = True
-            self._wake.notify()
-        self._thread.join(timeout=5)
+        compute.wake()
+        if self._started:
+            self._stopped.wait(timeout=5)
 
     def _plan(self, job: Job) -> None:
         """Classify `job` and, on a cache of fixed size, fit its full length into its share (holding the lock)."""
@@ -267,32 +275,51 @@ class Batcher:
             job.prepared = [replace(p, config=replace(p.config, max_new_tokens=new)) for p in job.prepared]
         job.cells = kv_cells(job.prepared[0])
 
-    # -- the worker thread -----------------------------------------------------------------------------
+    # -- on the compute thread ----------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while True:
-            with self._wake:
-                while not self._pending and not self._running and not self._closed:
-                    self._wake.wait()
-                if self._closed:
-                    break
-                if not self._running and self.window > 0 and self._drain_at is None:
-                    # Requests sent together arrive a few milliseconds apart: a moment's wait lets them share
-                    # one prefill.
-                    self._wake.wait(self.window)
-                newcomers = self._admit() if self._drain_at is None else []
-                past_grace = self._drain_at is not None and time.monotonic() >= self._drain_at
-            try:
-                if past_grace:
-                    self._fail_all(
-                        ShuttingDown("the server shut down before the request finished (its --shutdown-grace ran out)")
-                    )
-                    continue
+    def due(self) -> float | None:
+        """Seconds until the next turn has work: now while sequences decode (or on closing); a moment after the
+        first of several requests sent together, so they share one prefill; None while idle."""
+        with self._lock:
+            if self._closed or self._running:
+                return 0.0
+            if not self._pending:
+                return None
+            if self.window <= 0 or self._drain_at is not None:
+                return 0.0
+            now = time.monotonic()
+            if self._window_end is None:
+                self._window_end = now + self.window
+            return self._window_end - now
+
+    def turn(self) -> bool:
+        """Admit what fits and run one decode step; False once closed."""
+        try:
+            return self._turn()
+        except BaseException:
+            self._stopped.set()  # the compute thread stops hosting it: /health reports it dead
+            raise
+
+    def _turn(self) -> bool:
+        with self._lock:
+            if self._closed:
+                self._fail_all(ShuttingDown("the server is shutting down"), pending=True)
+                self._stopped.set()
+                return False
+            self._window_end = None
+            newcomers = self._admit() if self._drain_at is None else []
+            past_grace = self._drain_at is not None and time.monotonic() >= self._drain_at
+        try:
+            if past_grace:
+                self._fail_all(
+                    ShuttingDown("the server shut down before the request finished (its --shutdown-grace ran out)")
+                )
+            else:
                 self._step(newcomers)
-            except Exception as err:  # the worker must outlive any one failure
-                logger.exception("decoding failed with %d sequences", len(self._decoder))
-                self._fail_all(DecodingFailed(f"{type(err).__name__}: {err}"))
-        self._fail_all(ShuttingDown("the server is shutting down"), pending=True)
+        except Exception as err:  # the loop must outlive any one failure
+            logger.exception("decoding failed with %d sequences", len(self._decoder))
+            self._fail_all(DecodingFailed(f"{type(err).__name__}: {err}"))
+        return True
 
     def _admit(self) -> list[Job]:
         """The waiting requests to prefill before the next step (holding the lock); see the module docstring."""
@@ -412,8 +439,7 @@ class Batcher:
         self._decoder = self.aligner.decoder(
             prefill_chunk=self.prefill_chunk
         )  # whatever the failed step left in the caches is dropped
-        if pending:
-            with self._wake:
-                for job in self._pending:
-                    self._end(job, error)
-                self._pending.clear()
+        if pending:  # holding the lock
+            for job in self._pending:
+                self._end(job, error)
+            self._pending.clear()
