@@ -89,3 +89,13 @@ def test_eval_records_each_placement_as_its_own_run(tiny, tmp_path):
         "la ratio=2 dry=2": (2, {"dry": "2"}),
         "la ratio=2 dry=2 placement=both": (2, {"dry": "2", "placement": "both"}),
     }
+
+
+def test_the_servers_linalign_body_carries_the_placement():
+    from linalign.serve.app import _align
+    from linalign.serve.schemas import ChatCompletionRequest
+
+    messages = [{"role": "user", "content": QUESTION}]
+    body = {"method": "prompt", "principle": PRINCIPLE, "principle_placement": "user"}
+    align, _ = _align(ChatCompletionRequest(messages=messages, linalign=body), messages, False, 2.0)
+    assert (align.principle_placement, align.label) == ("user", "prompt placement=user")
