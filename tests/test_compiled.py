@@ -18,11 +18,13 @@ from linalign import AlignConfig, Aligner, DecodeConfig, LinalignError
 from linalign.backends import compiled as compiled_module
 from linalign.backends.compiled import CompiledBackend, CompiledModel
 from linalign.backends.transformers import TransformersBackend
+from linalign.compute import on_compute_thread
 from linalign.models import LoadedModel
 
 PRINCIPLE = "Answer in lowercase letters only."
 QUESTIONS = ["What is the capital of France?", "Name three animals that live in the sea, please.", "Why?"]
 LENGTHS = (3, 14, 8)  # rows finish early, at different steps
+PROGRAMS_LIMIT = torch._dynamo.config.recompile_limit  # the program's own setting, which linalign leaves alone
 
 
 def tokens(aligner: Aligner, align: AlignConfig, lengths=LENGTHS, questions=QUESTIONS) -> list[list[int]]:
@@ -53,6 +55,9 @@ def test_compiled_la_equals_eager_with_mixed_prompts_and_rows_finishing_early(ea
     assert tokens(compiled, align) == expected
     assert [len(t) for t in expected] == list(LENGTHS)
     assert not compiled.main.compiled.eager  # the step really ran compiled
+    # dynamo's settings are per thread: neither the caller's nor the compute thread's keeps linalign's limit
+    assert torch._dynamo.config.recompile_limit == PROGRAMS_LIMIT
+    assert on_compute_thread(lambda: torch._dynamo.config.recompile_limit)() == PROGRAMS_LIMIT
 
 
 @pytest.mark.slow  # torch.compile takes seconds: not in the unit tier

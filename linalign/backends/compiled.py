@@ -45,6 +45,7 @@ CUDA_MODE = "reduce-overhead"  # torch.compile's mode on CUDA: inductor kernels 
 # None: each (rows, length) is compiled for its own shape until a second one is seen, after which one graph with
 # symbolic sizes serves them all (CUDA graphs are still recorded per shape) - two compilations, not one per batch.
 DYNAMIC: bool | None = None
+RECOMPILE_LIMIT = 64  # graphs of one step, while linalign's calls run: one per (model, rows, length) in use
 POOL = 4  # free static caches kept per model for reuse (the most recent); older ones are freed
 COMPACT_EVERY: int | None = None  # default of `CompiledBackend(compact_every=...)`: finished rows stay, masked
 
@@ -79,10 +80,6 @@ class CompiledModel:
         self.cuda = self.device.type == "cuda"
         self._cache_name = _cache_argument(model)
         mode = CUDA_MODE if self.cuda else None  # CUDA graphs on CUDA; inductor's default elsewhere
-        # Every (model, rows, length) is its own graph of the same code object; the default limit of 8 would
-        # silently send a benchmark over two models and three batch sizes back to eager. Raised here, when
-        # linalign compiles, not on import: a program that only imports linalign keeps its own settings.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled = torch.compile(self.forward, mode=mode, dynamic=DYNAMIC, fullgraph=True)
         self.eager = False  # set when compilation failed: the step then runs eagerly
         self._pool: list[tuple[tuple[int, int], StaticCache]] = []  # (rows, length), oldest first
@@ -106,8 +103,13 @@ class CompiledModel:
             try:
                 if self.cuda:
                     torch.compiler.cudagraph_mark_step_begin()
-                # CUDA graphs overwrite their outputs at the next replay: the caller gets its own copy.
-                return self._compiled(ids, mask, positions, cache).clone()
+                # Every (model, rows, length) is its own graph of the same code object; the default limit of 8
+                # would silently send a benchmark over two models and three batch sizes back to eager. Raised
+                # for linalign's own calls only: the program's other compiled code keeps its settings.
+                limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+                with torch._dynamo.config.patch(recompile_limit=limit):
+                    # CUDA graphs overwrite their outputs at the next replay: the caller gets its own copy.
+                    return self._compiled(ids, mask, positions, cache).clone()
             except Exception as err:  # noqa: BLE001 - any compiler failure: decode on, eagerly
                 log.warning(
                     "torch.compile failed (%s: %s); decoding eagerly with the static cache", type(err).__name__, err

@@ -38,7 +38,9 @@ def serve(
     ] = False,
     ratio: RatioOpt = 2.0,
     max_batch: MaxBatchOpt = 16,
-    batch_window_ms: Annotated[float, typer.Option(help="How long the decode loop waits for requests sent together, to prefill them in one batch.")] = 20.0,
+    batch_window_ms: Annotated[
+        float, typer.Option(help="How long the decode loop waits to prefill requests sent together at once.")
+    ] = 20.0,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies are refused with a 400.")] = 1 << 20,
     model_name: Annotated[str | None, typer.Option(help="Model id reported to clients (default: --model).")] = None,
     max_queue: Annotated[int, typer.Option(help="Requests waiting at most; more get 429 + Retry-After.")] = 256,
