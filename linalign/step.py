@@ -33,6 +33,7 @@ import torch
 from linalign.combine import apply_mask, intersect_mask, min_p_mask, plausibility_mask, trust_region
 from linalign.config import DecodeConfig
 from linalign.methods import Plan
+from linalign.text import vocabulary_texts
 
 # One weighted term of the combination: the `[n, vocab]` logits of one model's rows, which of them to take
 # (None: all, in order), the row of the batch each is added to (None: the same) and the `[k, 1]` weights.
@@ -592,7 +593,7 @@ def breaker_tokens(tokenizer, breakers: Sequence[str]) -> tuple[frozenset[int], 
         return cached[1:]
     others = [b for b in breakers if b != "\n"]
     newline = "\n" in breakers
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    texts = vocabulary_texts(tokenizer)
     hard = frozenset(i for i, t in enumerate(texts) if any(b in t for b in others))
     line = frozenset(i for i, t in enumerate(texts) if newline and "\n" in t and i not in hard)
     bare = frozenset(i for i, t in enumerate(texts) if not any(c.isalnum() for c in t))

@@ -64,3 +64,13 @@ class TextStream:
         end = len(self.text) if final or self.stopped else max(self._emitted, len(self.text) - self._hold)
         new, self._emitted = self.text[self._emitted : end], end
         return new
+
+
+def vocabulary_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Every token's text alone, by id (special tokens included). A fast tokenizer's own batch decode (Rust) takes
+    ~0.1 s for a 49k vocabulary where `batch_decode`'s loop over tokens takes ~1 s; the texts are the same."""
+    ids = [[i] for i in range(len(tokenizer))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode_batch(ids, skip_special_tokens=False)
+    return tokenizer.batch_decode(ids)

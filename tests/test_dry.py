@@ -19,6 +19,7 @@ from linalign.errors import LinalignError
 from linalign.methods import make_plan
 from linalign.prompts import build_ids
 from linalign.step import LoopPenalty, breaker_tokens, penalise_loops
+from linalign.text import vocabulary_texts
 
 M, BASE, ALLOWED = 0.8, 1.75, 2
 HARD, LINE, BARE = 99, 98, 97  # a breaker, a newline and a punctuation token of the hand-made replies
@@ -157,6 +158,12 @@ def test_breakers_are_tokens_whose_text_contains_one(tokenizer):
     assert all(t not in hard and t not in line for t in tokenizer.encode(" camera lens", add_special_tokens=False))
     assert breaker_tokens(tokenizer, DRY_BREAKERS)[0] is hard  # decoded once per tokenizer and breakers
     assert breaker_tokens(tokenizer, [":"])[1] == frozenset()  # without "\n" no token ends a line
+
+
+def test_the_vocabulary_is_read_by_the_tokenizers_own_batch_decode_with_the_same_texts(tokenizer):
+    texts = vocabulary_texts(tokenizer)
+    assert texts == tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    assert len(texts) == len(tokenizer) and texts[tokenizer.encode("\n", add_special_tokens=False)[0]] == "\n"
 
 
 def _walk(tokenizer, text: str, multiplier: float = M) -> list[tuple[str, float]]:
