@@ -4,20 +4,23 @@ operations (health, metrics, auth before parsing) and logprobs; a real server an
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import httpx
 import openai
 import pytest
 from openai import OpenAI
 
-from linalign import AlignConfig, Aligner, DecodeConfig
+from linalign import AlignConfig, Aligner, DecodeConfig, step
 from linalign.compute import compute_thread, on_compute_thread
 from linalign.errors import LinalignError
+from linalign.params import DRY_BREAKERS
 from linalign.serve import create_app
 from linalign.serve.batcher import Batcher, Job
 from linalign.serve.server import serving
@@ -405,3 +408,10 @@ def test_a_fixed_kv_cache_is_shared_by_reservation(aligner):
     assert _admitted(batcher, long, short) == [short]  # the long one would pass 450 cells; the short fits beside
     _finish(batcher, heavy)
     assert _admitted(batcher) == [long]
+
+
+def test_the_loop_penalty_reads_the_vocabulary_when_the_server_starts_not_in_the_first_request(tiny):
+    fresh = replace(tiny, tokenizer=copy.deepcopy(tiny.tokenizer))  # a tokenizer no test has read yet
+    assert (id(fresh.tokenizer), DRY_BREAKERS) not in step._BREAKER_SETS
+    Batcher(Aligner(fresh))
+    assert step._BREAKER_SETS[id(fresh.tokenizer), DRY_BREAKERS][0] is fresh.tokenizer

@@ -45,7 +45,9 @@ from linalign.decode import Prepared, kv_cells
 from linalign.engine import Aligner
 from linalign.errors import LinalignError
 from linalign.generation import Generation
+from linalign.params import DRY_BREAKERS
 from linalign.serve.metrics import ServerMetrics
+from linalign.step import breaker_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +185,9 @@ class Batcher:
         self._drain_at: float | None = None
         self._window_end: float | None = None
         self._decoder = aligner.decoder(prefill_chunk=prefill_chunk)
+        # The default loop penalty's breaker tokens (a read of the vocabulary, ~0.05-0.1 s), read once at start
+        # rather than in the first Linear Alignment request's time to first token.
+        breaker_tokens(aligner.tokenizer, DRY_BREAKERS)
         self._capacity = {m: b.kv_capacity for m, b in self._decoder.backends.items() if b.kv_capacity is not None}
         self._started = False
         self._stopped = threading.Event()  # set when its last turn is over (or a turn failed beyond repair)
