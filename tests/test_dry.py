@@ -446,25 +446,26 @@ def _directory(path, suite: str, runs: dict[str, list[float]]):
 def test_the_rule_takes_another_reference_and_pools_the_gain_over_the_principle_sets(tmp_path, capsys):
     """Against la's default as reference, a candidate gains where the paired interval of the compliance difference,
     pooled over the principle-set directories (the structured suite left out), lies above 0."""
-    from linalign.evaluation.decide import main, pooled_gain, verdicts
+    from linalign.evaluation.decide import load, main, pooled_gain, verdicts
 
     default, user, none = "la ratio=2 dry=2", "la ratio=2 dry=2 placement=user", [0.0] * 10
     one = [1.0] * 4 + [0.0] * 6
-    sets = [
+    directories = [
         _directory(tmp_path / "greedy", "principles", {"prompt": none, default: none, user: one}),
         _directory(tmp_path / "t07", "principles-heldout", {"prompt": none, default: none, user: [0.0] * 8 + [1, 1]}),
         _directory(tmp_path / "structured", "structured", {default: none, user: [-5.0] * 10}),
     ]
+    sets = load(directories)
     assert set(verdicts(sets)) == {default, user}  # against the paper's run, absent here: no condition
-    assert verdicts(sets)[user][str(sets[0])] == {}
+    assert verdicts(sets)[user][str(directories[0])] == {}
     against_default = verdicts(sets, default)
-    assert set(against_default) == {user} and against_default[user][str(sets[0])]["compliance"]["holds"]
+    assert set(against_default) == {user} and against_default[user][str(directories[0])]["compliance"]["holds"]
     gain = pooled_gain(sets, user, default)
     assert gain["tasks"] == 20 and gain["mean"] == pytest.approx(0.3) and gain["low"] > 0 and gain["holds"]
-    alone = pooled_gain(sets[1:], user, default)  # two questions of ten up: the interval reaches 0
+    alone = pooled_gain(load(directories[1:]), user, default)  # two questions of ten up: the interval reaches 0
     assert alone["tasks"] == 10 and alone["low"] == 0 and not alone["holds"]
     assert pooled_gain(sets, default, default)["holds"] is False  # no gain over itself
-    main(["--reference", default, *map(str, sets)])
+    main(["--reference", default, *map(str, directories)])
     printed = capsys.readouterr().out
     assert "pooled gain: compliance +0.300" in printed and "over 20 questions, above 0" in printed
     assert "validity -5.000" in printed and "FAILS" in printed

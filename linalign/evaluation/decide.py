@@ -54,29 +54,32 @@ def conditions(records: list[dict], candidate: str, structured: bool, reference:
     return out
 
 
-def _load(directory: Path) -> tuple[list[dict], bool]:
-    """A results directory's records and whether it holds the structured suite."""
-    structured = json.loads((directory / SETTINGS).read_text())["suite"] == "structured"
-    return read_records(directory / RECORDS), structured
+Results = dict[Path, tuple[list[dict], bool]]  # results directory -> its records, whether it is the structured suite
 
 
-def verdicts(directories: list[Path], reference: str = REFERENCE) -> dict[str, dict[str, dict]]:
+def load(directories: list[Path]) -> Results:
+    """Each results directory's records and whether it holds the structured suite, read once."""
+    return {
+        d: (read_records(d / RECORDS), json.loads((d / SETTINGS).read_text())["suite"] == "structured")
+        for d in directories
+    }
+
+
+def verdicts(results: Results, reference: str = REFERENCE) -> dict[str, dict[str, dict]]:
     """candidate -> directory -> its conditions, for every Linear Alignment run but the reference."""
     out: dict[str, dict[str, dict]] = {}
-    for directory in directories:
-        records, structured = _load(directory)
+    for directory, (records, structured) in results.items():
         for label in sorted({r["run"] for r in records if r["method"] == "la"} - {reference}):
             out.setdefault(label, {})[str(directory)] = conditions(records, label, structured, reference)
     return out
 
 
-def pooled_gain(directories: list[Path], candidate: str, reference: str = REFERENCE) -> dict | None:
+def pooled_gain(results: Results, candidate: str, reference: str = REFERENCE) -> dict | None:
     """`compliance(candidate) - compliance(reference)` over the questions of every principle-set directory that
     holds both runs, each directory's questions counted apart: the mean, its paired 95 % interval and whether it
     lies above 0 (None: no such question)."""
     pairs: dict[str, dict[str, float]] = {candidate: {}, reference: {}}
-    for directory in directories:
-        records, structured = _load(directory)
+    for directory, (records, structured) in results.items():
         if structured:
             continue
         by_task = _scores_by_task(records)
@@ -91,7 +94,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--reference", default=REFERENCE, help=f"the reference run's label (default {REFERENCE!r})")
     parser.add_argument("directories", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    for candidate, per_set in verdicts(args.directories, args.reference).items():
+    results = load(args.directories)
+    for candidate, per_set in verdicts(results, args.reference).items():
         print(candidate)
         for directory, conds in per_set.items():
             cells = []
@@ -100,7 +104,7 @@ def main(argv: list[str]) -> None:
                 limit = c["limit"] if isinstance(c["limit"], str) else f"<= {c['limit']:.3f}"
                 cells.append(f"{name} {value} {limit} {'ok' if c['holds'] else 'FAILS'}")
             print(f"  {directory}: " + "; ".join(cells))
-        gain = pooled_gain(args.directories, candidate, args.reference)
+        gain = pooled_gain(results, candidate, args.reference)
         if gain:
             verdict = "above 0" if gain["holds"] else "not above 0"
             print(
